@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Build TorchServe model archives (.mar) into model_store/.
+#
+#   ./archive.sh effnet                         embedded default: EfficientNet-lite0 with its real weights
+#   ./archive.sh bit   --checkpoint BiT.pth     BiT-S-R101x3 CIFAR-10 checkpoint (bit_pytorch layout)
+#   ./archive.sh lanet --checkpoint lanet.pth   LaNet checkpoint ({'model_state_dict': ...})
+#   ./archive.sh all                            every embedded default
+# Options: --out DIR (default model_store), --model-config FILE (replaces handlers/configs/MODEL.yaml).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="$root/.venv/bin/python"; [ -x "$python" ] || python=python3
+archiver="$root/.venv/bin/torch-model-archiver"; [ -x "$archiver" ] || archiver=torch-model-archiver
+defaults=(effnet)
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+build() {  # build MODEL CHECKPOINT MODEL_CONFIG OUT
+  local model=$1 checkpoint=$2 model_config=$3 out=$4 stage
+  [ -f "$checkpoint" ] || { echo "archive.sh: checkpoint '$checkpoint' not found" >&2; exit 2; }
+  stage=$(mktemp -d); trap 'rm -rf "$stage"' RETURN
+  cp "$checkpoint" "$stage/checkpoint.${checkpoint##*.}"
+  mkdir -p "$out"
+  "$archiver" --model-name "$model" --version 1.0 --force --export-path "$out" \
+    --handler "$root/handlers/${model}_handler.py" \
+    --serialized-file "$stage/checkpoint.${checkpoint##*.}" \
+    --extra-files "$root/handlers/attribution_handler.py" \
+    --config-file "$model_config"
+  echo "built $out/$model.mar"
+}
+
+[ $# -ge 1 ] || usage 2
+model=$1; shift
+checkpoint="" out="$root/model_store" model_config=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --checkpoint) checkpoint=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --model-config) model_config=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "archive.sh: unknown option $1" >&2; usage 2 ;;
+  esac
+done
+
+case $model in
+  all) for m in "${defaults[@]}"; do "$0" "$m" --out "$out"; done ;;
+  effnet)
+    [ -n "$checkpoint" ] || checkpoint=$("$python" -c 'from vision_attribution.models.effnet import packaged_weights; print(packaged_weights())')
+    build effnet "$checkpoint" "${model_config:-$root/handlers/configs/effnet.yaml}" "$out" ;;
+  bit|lanet)
+    [ -n "$checkpoint" ] || { echo "archive.sh: $model needs --checkpoint FILE (no offline weights exist)" >&2; exit 2; }
+    build "$model" "$checkpoint" "${model_config:-$root/handlers/configs/$model.yaml}" "$out" ;;
+  -h|--help) usage ;;
+  *) echo "archive.sh: unknown model '$model'" >&2; usage 2 ;;
+esac

@@ -1,0 +1,61 @@
+"""What a model adapter gives the service: prepared inputs, predictions, and what to explain."""
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+
+from .decode import PixelLayout
+from .engine import TargetFunction
+
+
+@dataclass
+class ModelInput:
+    """One image prepared for the model.
+
+    tensor: (1, C, h, w) in the model's normalised input space, on the model's device.
+    image: the decoded original, (H, W, 3) uint8 RGB.
+    region: (left, top, right, bottom) of the original image that the model input covers.
+    """
+
+    tensor: torch.Tensor
+    image: np.ndarray
+    region: tuple[float, float, float, float]
+
+
+@dataclass
+class ExplanationPlan:
+    """What to integrate for one request, decided on the real input.
+
+    target_fn: path points (b, C, h, w) -> (b,) differentiable scalars.
+    target: description of the explained scalar ({"kind", "index", "name", ...}).
+    prediction: the model's outputs at the input, merged into the reply (e.g. {"output": logits (1, K)}).
+    groups: boolean masks (M, h, w) over the model input for IDG, with one label each.
+    """
+
+    target_fn: TargetFunction
+    target: dict[str, Any]
+    prediction: dict[str, Any] = field(default_factory=dict)
+    groups: Optional[torch.Tensor] = None
+    group_labels: list[str] = field(default_factory=list)
+
+
+class ModelAdapter(Protocol):
+    """The model-specific part of a served archive; everything else is shared."""
+
+    seed_layout: PixelLayout  # layout of the seed's "img_data"
+    seed_explanation_keys: Optional[tuple[str, ...]]  # exact keys of the seed's explanation reply, if it had one
+    options: tuple[str, ...]  # request options this model accepts
+    prediction_types: tuple[str, ...]  # reply encodings for predictions, default first
+    device: torch.device
+
+    def prepare(self, image: np.ndarray, options: dict) -> ModelInput: ...
+
+    def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]: ...
+
+    def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan: ...
+
+    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor: ...
+
+    def prediction_png(self, prediction: dict) -> np.ndarray:
+        """(H, W) uint8 label image of a prediction; only needed when "png" is in prediction_types."""
