@@ -102,7 +102,7 @@ def test_masks_at_locations_equal_dense_masks(model, image):
                 height, width = dense.shape[-2:]
                 ys = torch.tensor([0, height - 1, height // 2])
                 xs = torch.tensor([width - 1, 0, width // 2])
-                side = model.head.mask_side(level, anchor)
+                side = model.head.mask_sizes[anchor] * 2 ** level
                 at = model.head.mask_logits_at(level_feature, level, anchor,
                                                torch.zeros_like(ys), ys, xs)
                 assert at.shape == (3, side, side)
@@ -212,10 +212,8 @@ def test_yaml_overrides_and_literal_tuples(tmp_path):
 
 
 def test_unsupported_config_is_refused(tmp_path):
-    (tmp_path / "bad.yaml").write_text(BASE_TENSORMASK_YAML + "\n" if False else
-                                       BASE_TENSORMASK_YAML.replace(
-                                           'FUSE_TYPE: "avg"',
-                                           'FUSE_TYPE: "avg"\n    NORM: "GN"'))
+    (tmp_path / "bad.yaml").write_text(
+        BASE_TENSORMASK_YAML.replace('FUSE_TYPE: "avg"', 'FUSE_TYPE: "avg"\n    NORM: "GN"'))
     with pytest.raises(ValueError, match="FPN.NORM"):
         read_tensormask_config(str(tmp_path / "bad.yaml"))
 

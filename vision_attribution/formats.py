@@ -4,8 +4,8 @@ Requests (to /predictions/{model} and /explanations/{model}):
   * seed JSON: {"img_data": nested pixel lists in the archive's seed layout, ...options}; the classifier
     seeds also send "target_class" (a class name). A seed request gets the seed reply, byte-compatible.
   * native JSON: {"image": "<base64 JPEG/PNG>", ...options}.
-  * a raw JPEG/PNG body, or a multipart form with an "image" field; options then come as form fields
-    or URL query parameters (?n_steps=20&target=espresso).
+  * a raw JPEG/PNG body, or a multipart form with an "image" field and options as further form fields
+    (TorchServe 0.12 drops URL query parameters before a handler can see them).
 Options are validated here; an unknown option or a bad value is a 400 that names it.
 """
 import json

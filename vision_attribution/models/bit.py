@@ -147,7 +147,8 @@ def load_bit(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ResNetV2
     block_units, width_factor, num_classes = infer_bit_architecture(state_dict)
     with torch.device("meta"):
         model = ResNetV2(block_units, width_factor, num_classes)
-    float_state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    float_state_dict = {key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+                        for key, value in state_dict.items()}
     try:
         incompatible = model.load_state_dict(float_state_dict, strict=False, assign=True)
     except RuntimeError as error:

@@ -275,7 +275,8 @@ def load_lanet(source: str | os.PathLike | Mapping[str, torch.Tensor],
     C, num_classes, layers, auxiliary = infer_lanet_architecture(state_dict)
     with torch.device("meta"):
         model = NetworkCIFAR(C, num_classes, layers, auxiliary, decode_lanet_encoding(net_encoding))
-    float_state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    float_state_dict = {key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+                        for key, value in state_dict.items()}
     description = f"LaNet C={C} layers={layers} auxiliary={auxiliary}"
     try:
         incompatible = model.load_state_dict(float_state_dict, strict=False, assign=True)

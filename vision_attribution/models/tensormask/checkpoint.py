@@ -141,7 +141,8 @@ def load_tensormask_weights(model: TensorMask, path: str, allow_unsafe_pickle: b
 def load_tensormask(checkpoint_path: str, cfg: Optional[dict] = None,
                     allow_unsafe_pickle: bool = False) -> TensorMask:
     """TensorMask built from ``cfg`` (default: the published R50-FPN 6x config) with the
-    checkpoint's weights, in eval mode on the CPU."""
+    checkpoint's weights, in eval mode on the CPU, parameters frozen (requires_grad False:
+    gradients w.r.t. input images still flow, no weight gradients are computed)."""
     model = TensorMask(DEFAULT_CONFIG if cfg is None else cfg)
     load_tensormask_weights(model, checkpoint_path, allow_unsafe_pickle)
-    return model.eval()
+    return model.eval().requires_grad_(False)

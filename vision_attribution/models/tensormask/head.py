@@ -61,10 +61,6 @@ class TensorMaskHead(nn.Module):
         """Unit-length ratio of SwapAlign2Nat at a level: 2**level with the bipyramid, else 1."""
         return 2 ** level if self.bipyramid_on else 1
 
-    def mask_side(self, level: int, anchor: int) -> int:
-        """Side of the predicted mask for (level, anchor)."""
-        return self.mask_sizes[anchor] * self.level_lambda(level)
-
     def class_logits(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
         """Per level (B, C, Hi, Wi) -> (B, A*K, Hi, Wi)."""
         return [self.cls_score(self.cls_subnet(x)) for x in features]
@@ -108,7 +104,8 @@ class TensorMaskHead(nn.Module):
         return self.mask_fuse(upsampled[:, :, :height, :width] + high_res)
 
     def mask_logits(self, level_feature: torch.Tensor, level: int, anchor: int) -> torch.Tensor:
-        """Dense mask logits of one (level, anchor): (B, M*M, Hi, Wi), M = mask_side."""
+        """Dense mask logits of one (level, anchor): (B, M*M, Hi, Wi) with
+        M = mask_sizes[anchor] * level_lambda(level)."""
         logits = getattr(self, f"mask_pred_{self.mask_sizes[anchor]:02d}")(level_feature)
         if self.aligned_on:
             logits = swap_align2nat(logits, self.level_lambda(level))

@@ -1,0 +1,207 @@
+"""End to end: the effnet, bit and lanet archives in a real TorchServe, spoken to over HTTP."""
+import base64
+import gzip
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from skimage import data as photos
+
+from torchserve_harness import TorchServe, build_archive, shipped_model_config
+from vision_attribution.models.bit import ResNetV2
+from vision_attribution.models.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+
+RESPONSE_LIMIT = 3_000_000
+
+
+def jpeg_bytes(array: np.ndarray, size=None) -> bytes:
+    image = Image.fromarray(array)
+    if size:
+        image = image.resize(size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def seed_request(array: np.ndarray, target_class: str) -> bytes:
+    """What the seeds' prepare_input.py wrote: np.asarray(PIL image).tolist() plus the class name."""
+    return json.dumps({"img_data": np.asarray(array).tolist(), "target_class": target_class}).encode()
+
+
+def seed_client_read(body: bytes) -> dict:
+    """The seed README's client code: gzip.open + torch.load on the saved reply."""
+    with gzip.open(io.BytesIO(body), "rb") as fobj:
+        return torch.load(io.BytesIO(fobj.read()))
+
+
+SEED_JSON = {"Content-Type": "application/json; chartset=utf-8"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("torchserve-classifiers")
+    store = workdir / "model_store"
+    store.mkdir()
+    torch.manual_seed(0)
+    bit_checkpoint = workdir / "bit_r50x1.pth"
+    bit_state = ResNetV2((3, 4, 6, 3), 1, 10).state_dict()
+    torch.save({f"module.{key}": value for key, value in bit_state.items()}, bit_checkpoint)
+    lanet_checkpoint = workdir / "lanet_small.pth"
+    lanet = NetworkCIFAR(16, 10, 8, True, decode_lanet_encoding(LANET_NET_ENCODING))
+    torch.save({"model_state_dict": lanet.state_dict(), "epoch": 600}, lanet_checkpoint)
+    for model, checkpoint in (("effnet", None), ("bit", bit_checkpoint), ("lanet", lanet_checkpoint)):
+        config = shipped_model_config(model)
+        config["attribution"]["max_response_bytes"] = RESPONSE_LIMIT
+        config.update(minWorkers=1, maxWorkers=2, batchSize=4, maxBatchDelay=300)
+        build_archive(model, store, config, checkpoint)
+    serving = TorchServe(workdir, store, ["effnet", "bit", "lanet"], max_response_size=RESPONSE_LIMIT)
+    try:
+        serving.wait_ready()
+        yield serving
+    finally:
+        serving.stop()
+
+
+def test_effnet_predicts_real_photos(server):
+    for photo, expected in ((photos.coffee(), "espresso"), (photos.chelsea(), "tiger cat")):
+        reply = server.post("/predictions/effnet", data=jpeg_bytes(photo))
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["content-type"].startswith("application/json")
+        assert reply.json()["predicted_name"] == expected
+
+
+def test_effnet_explanation_native_reply(server):
+    form = {"image": ("coffee.jpg", jpeg_bytes(photos.coffee()), "image/jpeg")}
+    reply = server.post("/explanations/effnet", files=form, data={"n_steps": "16", "target": "espresso"})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/gzip"
+    result = seed_client_read(reply.content)
+    assert result["integrated_grads"].shape == (1, 3, 224, 224) and result["integrated_grads"].dtype == torch.float32
+    assert result["step_sizes"].shape == (16, 1) and result["step_sizes"].dtype == torch.float64
+    assert "integrated_directional_grads" not in result  # return_path is off by default for effnet
+    assert result["target"]["name"] == "espresso" and result["target_class"] == 967
+    logits_gap = result["target_at_input"] - result["target_at_baseline"]
+    assert result["convergence_delta"] == pytest.approx(logits_gap - float(result["integrated_grads"].double().sum()), abs=1e-3)
+    idg = result["idg_per_mask"]
+    assert idg["idg"].shape == idg["dividends"].shape == (16,)
+    assert idg["masks"].shape == (16, 224, 224) and len(idg["labels"]) == 16
+    assert float(idg["dividends"].sum()) == pytest.approx(1.0)
+
+
+def test_npz_reply_by_accept_header(server):
+    reply = server.post("/explanations/effnet", files={"image": jpeg_bytes(photos.chelsea())}, data={"n_steps": "4"}, headers={"Accept": "application/x-npz"})
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-npz"
+    arrays = np.load(io.BytesIO(reply.content))
+    assert arrays["integrated_grads"].shape == (1, 3, 224, 224)
+    assert arrays["idg_per_mask/dividends"].shape == (16,)
+
+
+@pytest.mark.parametrize("model", ["bit", "lanet"])
+def test_seed_request_gets_the_exact_seed_reply(server, model):
+    image = photos.chelsea()[::8, ::8]  # full-size H x W x 3 lists, as prepare_input.py sends them
+    reply = server.post(f"/explanations/{model}", data=seed_request(image, "cat"), headers=SEED_JSON)
+    assert reply.status_code == 200, reply.text
+    result = seed_client_read(reply.content)
+    assert set(result) == {"integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class"}
+    assert result["integrated_grads"].shape == (1, 3, 32, 32)
+    assert result["integrated_directional_grads"].shape == (50, 3, 32, 32) and result["integrated_directional_grads"].dtype == torch.float32
+    assert result["intermediates"].shape == (50, 3, 32, 32) and result["intermediates"].dtype == torch.float32
+    assert result["step_sizes"].shape == (50, 1) and result["step_sizes"].dtype == torch.float64
+    assert result["output"].shape == (1, 10) and result["output"].dtype == torch.float32 and not result["output"].requires_grad
+    assert result["target_class"] == 3
+    weighted = (result["step_sizes"].view(-1, 1, 1, 1) * result["integrated_directional_grads"].double()).sum(0, keepdim=True)
+    difference = result["intermediates"][-1:] - result["intermediates"][:1]  # x_k are on one line through x' and x
+    assert torch.allclose(difference.double() / (result["step_sizes"].new_tensor(0) + 1), difference.double())
+    assert torch.isfinite(weighted).all()
+
+
+def test_seed_grey_and_rgba_images_are_converted(server):
+    grey = np.asarray(Image.fromarray(photos.chelsea()).convert("L").resize((40, 30)))
+    rgba = np.asarray(Image.fromarray(photos.chelsea()).convert("RGBA").resize((40, 30)))
+    for image in (grey, rgba):
+        reply = server.post("/explanations/lanet", data=seed_request(image, "dog"), headers=SEED_JSON)
+        assert reply.status_code == 200, reply.text
+        assert seed_client_read(reply.content)["target_class"] == 5
+
+
+def test_mixed_batch_gets_each_its_own_kind_of_answer(server):
+    body = seed_request(photos.coffee()[::10, ::10], "ship")
+
+    def send(kind):
+        return kind, server.post(f"/{kind}/lanet", data=body, headers=SEED_JSON)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, ["explanations", "predictions", "predictions", "explanations", "predictions", "explanations"]))
+    for kind, reply in results:
+        assert reply.status_code == 200, reply.text
+        if kind == "predictions":
+            assert reply.headers["content-type"] == "application/gzip"  # seed-format requests get gzip
+            assert set(seed_client_read(reply.content)) >= {"output", "predicted_class"}
+        else:
+            assert seed_client_read(reply.content)["target_class"] == 8
+
+
+def test_scaling_workers_through_the_management_api(server):
+    reply = requests.put(f"{server.management}/models/lanet?min_worker=2&synchronous=true", headers=server.auth("management"), timeout=300)
+    assert reply.status_code == 200, reply.text
+    workers = server.workers("lanet")
+    assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers)
+    replies = [server.post("/predictions/lanet", data=jpeg_bytes(photos.coffee(), (64, 48))) for _ in range(4)]
+    assert all(reply.status_code == 200 for reply in replies)
+    reply = requests.put(f"{server.management}/models/lanet?min_worker=1&max_worker=1&synchronous=true", headers=server.auth("management"), timeout=300)
+    assert reply.status_code == 200 and len(server.workers("lanet")) == 1
+
+
+def bomb_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD_IMAGE = photos.chelsea()[::8, ::8]
+BAD_REQUESTS = {
+    "not an image": (b"this is plain text, not a picture", {}, 400, "not a valid image"),
+    "truncated jpeg": (jpeg_bytes(photos.coffee())[:5000], {}, 400, "truncated or corrupt"),
+    "pixel bomb": (bomb_png(), {}, 413, "over the limit"),
+    "empty body": (b"", {}, 400, "empty"),
+    "invalid json": (b'{"img_data": [[[1, 2, 3]', SEED_JSON, 400, "not valid JSON"),
+    "wrong json keys": (json.dumps({"picture": [[[0, 0, 0]]]}).encode(), SEED_JSON, 400, "needs 'img_data'"),
+    "wrong nesting": (json.dumps({"img_data": [[[[1, 2, 3]]]], "target_class": "cat"}).encode(), SEED_JSON, 400, "nesting levels"),
+    "two channels": (json.dumps({"img_data": [[[1, 2], [3, 4]]], "target_class": "cat"}).encode(), SEED_JSON, 400, "2 channels"),
+    "ragged lists": (json.dumps({"img_data": [[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]}).encode(), SEED_JSON, 400, "rectangular"),
+    "values out of range": (json.dumps({"img_data": [[[300, 0, 0]]], "target_class": "cat"}).encode(), SEED_JSON, 400, "0..255"),
+    "nan values": (b'{"img_data": [[[NaN, 0, 0]]], "target_class": "cat"}', SEED_JSON, 400, "NaN"),
+    "strings as pixels": (json.dumps({"img_data": [[["a", "b", "c"]]]}).encode(), SEED_JSON, 400, "numbers"),
+    "unknown class name": (seed_request(GOOD_IMAGE, "spaceship"), SEED_JSON, 400, "unknown class"),
+    "class index out of range": (json.dumps({"image": base64.b64encode(jpeg_bytes(GOOD_IMAGE)).decode(), "target": 10}).encode(), SEED_JSON, 400, "out of range"),
+    "n_steps zero": (json.dumps({"image": base64.b64encode(jpeg_bytes(GOOD_IMAGE)).decode(), "n_steps": 0}).encode(), SEED_JSON, 400, "n_steps"),
+    "n_steps huge": (json.dumps({"image": base64.b64encode(jpeg_bytes(GOOD_IMAGE)).decode(), "n_steps": 10**9}).encode(), SEED_JSON, 400, "n_steps"),
+    "unknown option": (json.dumps({"image": base64.b64encode(jpeg_bytes(GOOD_IMAGE)).decode(), "steps": 5}).encode(), SEED_JSON, 400, "unknown field"),
+    "bad base64": (json.dumps({"image": "not base64!!"}).encode(), SEED_JSON, 400, "base64"),
+    "unknown method": (json.dumps({"image": base64.b64encode(jpeg_bytes(GOOD_IMAGE)).decode(), "method": "simpson"}).encode(), SEED_JSON, 400, "method"),
+    "unsupported accept": (jpeg_bytes(GOOD_IMAGE), {"Accept": "text/html"}, 406, "cannot reply"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_a_clear_4xx_and_the_next_request_is_served(server, case):
+    body, headers, status, message = BAD_REQUESTS[case]
+    reply = server.post("/explanations/lanet", data=body, headers=headers, timeout=60)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]
+    follow_up = server.post("/explanations/lanet", data=seed_request(GOOD_IMAGE, "cat"), headers=SEED_JSON, timeout=120)
+    assert follow_up.status_code == 200
+    assert seed_client_read(follow_up.content)["target_class"] == 3
+
+
+def test_oversize_reply_gets_413_and_the_worker_stays_alive(server):
+    reply = server.post("/explanations/lanet", data=json.dumps({"img_data": GOOD_IMAGE.tolist(), "n_steps": 200}).encode(), headers=SEED_JSON)
+    assert reply.status_code == 413, reply.text
+    assert f"limit of {RESPONSE_LIMIT}" in reply.json()["error"] and "return_path" in reply.json()["error"]
+    assert server.workers_ready("lanet")
+    assert server.post("/explanations/lanet", data=seed_request(GOOD_IMAGE, "cat"), headers=SEED_JSON).status_code == 200
