@@ -96,11 +96,11 @@ class ClassifierAdapter:
             top = probs.topk(min(5, len(self.class_names)))
             replies.append(
                 {
+                    "predicted_name": self.class_names[int(top.indices[0])],
+                    "predicted_class": int(top.indices[0]),
+                    "top5": [{"index": int(i), "name": self.class_names[int(i)], "probability": float(p)} for p, i in zip(top.values, top.indices)],
                     "output": row[None].cpu(),
                     "probabilities": probs[None].cpu(),
-                    "predicted_class": int(top.indices[0]),
-                    "predicted_name": self.class_names[int(top.indices[0])],
-                    "top5": [{"index": int(i), "name": self.class_names[int(i)], "probability": float(p)} for p, i in zip(top.values, top.indices)],
                 }
             )
         return replies

@@ -1,0 +1,128 @@
+"""Command-line client: prepare seed-style inputs, send them with the TorchServe token, render replies.
+
+  vision-attribution prepare IMAGE [CLASS] OUT.json [--layout hwc-rgb|chw-bgr|hwc-bgr]
+  vision-attribution send URL INPUT OUT [--token-file key_file.json] [--field n_steps=20 ...] [--accept TYPE]
+  vision-attribution render REPLY IMAGE OUT.png
+"""
+import argparse
+import gzip
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from .decode import decode_image_bytes
+from .render import save_render
+
+LAYOUTS = {"hwc-rgb": (False, False), "hwc-bgr": (False, True), "chw-bgr": (True, True)}
+
+
+def prepare(image_path: Path, target_class, out: Path, layout: str = "hwc-rgb") -> None:
+    """Write {"img_data": pixel lists, "target_class": CLASS} as the seeds' prepare_input.py did."""
+    pixels = decode_image_bytes(image_path.read_bytes())
+    channels_first, bgr = LAYOUTS[layout]
+    if bgr:
+        pixels = pixels[..., ::-1]
+    if channels_first:
+        pixels = pixels.transpose(2, 0, 1)
+    document = {"img_data": pixels.tolist()}
+    if target_class is not None:
+        document["target_class"] = target_class
+    out.write_text(json.dumps(document))
+
+
+def read_token(token_file: Path | None, api: str = "inference") -> str | None:
+    if token_file is None or not token_file.exists():
+        return None
+    return json.loads(token_file.read_text())[api]["key"]
+
+
+def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict, accept: str | None, timeout: float) -> int:
+    """POST a JSON file as JSON, or an image (with form fields, if any); save the reply body. Returns the status."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if accept:
+        headers["Accept"] = accept
+    body = input_path.read_bytes()
+    if input_path.suffix == ".json":
+        document = json.loads(body)
+        document.update(fields)
+        reply = requests.post(url, data=json.dumps(document), headers={**headers, "Content-Type": "application/json"}, timeout=timeout)
+    elif fields:
+        reply = requests.post(url, files={"image": (input_path.name, body)}, data=fields, headers=headers, timeout=timeout)
+    else:
+        reply = requests.post(url, data=body, headers=headers, timeout=timeout)
+    out.write_bytes(reply.content)
+    if reply.status_code != 200:
+        print(f"{reply.status_code}: {reply.text}", file=sys.stderr)
+    return reply.status_code
+
+
+def load_reply(path: Path) -> dict:
+    """Read a saved reply: gzip(torch.save(dict)), .npz or JSON."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        with gzip.open(io.BytesIO(raw)) as stream:
+            return torch.load(io.BytesIO(stream.read()))
+    if raw[:2] == b"PK":
+        arrays = np.load(io.BytesIO(raw))
+        reply: dict = {}
+        for name in arrays.files:
+            *parents, leaf = name.split("/")
+            node = reply
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = arrays[name]
+        return reply
+    return json.loads(raw)
+
+
+def _field(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vision-attribution", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="image -> seed-style JSON request")
+    p.add_argument("image", type=Path)
+    p.add_argument("rest", nargs="+", help="[CLASS] OUT.json")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="hwc-rgb", help="hwc-rgb: classifiers; chw-bgr: tensormask; hwc-bgr: swin")
+    s = commands.add_parser("send", help="POST a request and save the reply")
+    s.add_argument("url")
+    s.add_argument("input", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--token-file", type=Path, default=Path("key_file.json"))
+    s.add_argument("--field", type=_field, action="append", default=[], help="option NAME=VALUE (repeatable)")
+    s.add_argument("--accept", help="reply type, e.g. application/x-npz or image/png")
+    s.add_argument("--timeout", type=float, default=600)
+    r = commands.add_parser("render", help="render a saved reply over the image as PNG")
+    r.add_argument("reply", type=Path)
+    r.add_argument("image", type=Path)
+    r.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare":
+        if len(args.rest) > 2:
+            parser.error("prepare takes IMAGE [CLASS] OUT.json")
+        target, out = (args.rest[0], Path(args.rest[1])) if len(args.rest) == 2 else (None, Path(args.rest[0]))
+        prepare(args.image, target, out, args.layout)
+        return 0
+    if args.command == "send":
+        status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout)
+        return 0 if status == 200 else 1
+    reply = load_reply(args.reply)
+    target = reply.get("target", {})
+    title = f"target: {target.get('name', '')}" if isinstance(target, dict) else ""
+    save_render(reply, decode_image_bytes(args.image.read_bytes()), args.out, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Render replies over the original image as PNG: IG heatmap, IDG dividends per mask, predicted masks."""
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def _array(value) -> Optional[np.ndarray]:
+    if value is None:
+        return None
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def place_on_image(values: np.ndarray, image_size: tuple[int, int], region) -> np.ndarray:
+    """Map an (h, w) float map over the model input onto the (H, W) original through its region (l, t, r, b)."""
+    height, width = image_size
+    left, top, right, bottom = (float(v) for v in region)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    box = (max(0, round(left)), max(0, round(top)), min(width, round(right)), min(height, round(bottom)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return canvas
+    resized = Image.fromarray(values.astype(np.float32), mode="F").resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR)
+    canvas[box[1] : box[3], box[0] : box[2]] = np.asarray(resized)
+    return canvas
+
+
+def render_reply(reply: dict, image: np.ndarray, title: str = "") -> plt.Figure:
+    """A figure of the panels the reply supports: masks, |IG| heatmap, IDG dividend per mask."""
+    height, width = image.shape[:2]
+    region = _array(reply.get("input_region"))
+    region = region if region is not None else (0, 0, width, height)
+    panels = []
+    masks = _array(reply.get("pred_masks"))
+    if masks is not None:
+        panels.append(("predicted masks", _mask_overlay(image, masks)))
+    ig = _array(reply.get("integrated_grads"))
+    if ig is not None:
+        heat = np.abs(ig[0]).sum(0)
+        heat = heat / max(np.percentile(heat, 99.5), 1e-12)
+        panels.append(("|integrated gradients|", place_on_image(np.clip(heat, 0, 1), (height, width), region)))
+    idg = reply.get("idg_per_mask")
+    if idg is not None and len(_array(idg["dividends"])):
+        dividends, group_masks = _array(idg["dividends"]), _array(idg["masks"]).astype(np.float32)
+        share = np.tensordot(dividends, group_masks, axes=1) if group_masks.ndim == 3 else np.tensordot(dividends, group_masks.max(1), axes=1)
+        panels.append(("IDG dividend per mask", place_on_image(share, (height, width), region)))
+    figure, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 4.8))
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(image)
+    axes[0].set_title(title or "input")
+    for axis, (name, layer) in zip(axes[1:], panels):
+        if layer.ndim == 3:
+            axis.imshow(layer)
+        else:
+            axis.imshow(image)
+            axis.imshow(layer, cmap="inferno", alpha=0.6)
+        axis.set_title(name)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def _mask_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Blend (N, H, W) boolean masks, each in its own colour, over (H, W, 3) uint8."""
+    overlay = image.astype(np.float32).copy()
+    colours = plt.get_cmap("tab10")
+    for index, mask in enumerate(masks.astype(bool)):
+        colour = np.array(colours(index % 10)[:3]) * 255
+        overlay[mask] = 0.45 * overlay[mask] + 0.55 * colour
+    return overlay.astype(np.uint8)
+
+
+def save_render(reply: dict, image: np.ndarray, path, title: str = "") -> None:
+    figure = render_reply(reply, image, title)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
