@@ -6,6 +6,8 @@
 #                                               from the mediapipe==0.10.21 wheel (fetched from PyPI)
 #   ./archive.sh bit   --checkpoint BiT.pth     BiT-S-R101x3 CIFAR-10 checkpoint (bit_pytorch layout)
 #   ./archive.sh lanet --checkpoint lanet.pth   LaNet checkpoint ({'model_state_dict': ...})
+#   ./archive.sh tensormask --checkpoint model_final.pkl [--config tensormask_R_50_FPN_6x.yaml]
+#                                               detectron2 TensorMask checkpoint (.pkl or .pth) and config
 #   ./archive.sh all                            every embedded default
 # Options: --out DIR (default model_store), --model-config FILE (replaces handlers/configs/MODEL.yaml).
 set -euo pipefail
@@ -14,7 +16,7 @@ python="$root/.venv/bin/python"; [ -x "$python" ] || python=python3
 archiver="$root/.venv/bin/torch-model-archiver"; [ -x "$archiver" ] || archiver=torch-model-archiver
 defaults=(effnet selfie)
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 build() {  # build MODEL CHECKPOINT MODEL_CONFIG OUT [EXTRA_FILE...]
   local model=$1 checkpoint=$2 model_config=$3 out=$4 stage extra
@@ -34,12 +36,13 @@ build() {  # build MODEL CHECKPOINT MODEL_CONFIG OUT [EXTRA_FILE...]
 
 [ $# -ge 1 ] || usage 2
 model=$1; shift
-checkpoint="" out="$root/model_store" model_config=""
+checkpoint="" out="$root/model_store" model_config="" detectron2_config=""
 while [ $# -gt 0 ]; do
   case $1 in
     --checkpoint) checkpoint=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --model-config) model_config=$2; shift 2 ;;
+    --config) detectron2_config=$2; shift 2 ;;
     -h|--help) usage ;;
     *) echo "archive.sh: unknown option $1" >&2; usage 2 ;;
   esac
@@ -60,6 +63,15 @@ case $model in
     [ -f "$notice" ] || { echo "archive.sh: the Apache-2.0 notice $notice must accompany the selfie weights" >&2; exit 2; }
     cp "$notice" "$work/NOTICE.txt"
     build selfie "$checkpoint" "${model_config:-$root/handlers/configs/selfie.yaml}" "$out" "$work/NOTICE.txt" ;;
+  tensormask)
+    [ -n "$checkpoint" ] || { echo "archive.sh: tensormask needs --checkpoint FILE.pkl|.pth (no offline weights exist)" >&2; exit 2; }
+    work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+    extra=()
+    if [ -n "$detectron2_config" ]; then
+      "$python" -m vision_attribution.models.tensormask.adapter "$detectron2_config" "$work/tensormask_config.yaml"
+      extra=("$work/tensormask_config.yaml")
+    fi
+    build tensormask "$checkpoint" "${model_config:-$root/handlers/configs/tensormask.yaml}" "$out" "${extra[@]}" ;;
   bit|lanet)
     [ -n "$checkpoint" ] || { echo "archive.sh: $model needs --checkpoint FILE (no offline weights exist)" >&2; exit 2; }
     build "$model" "$checkpoint" "${model_config:-$root/handlers/configs/$model.yaml}" "$out" ;;

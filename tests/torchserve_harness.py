@@ -20,7 +20,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def build_archive(model: str, out: Path, model_config: dict, checkpoint: Path | None = None) -> Path:
+def build_archive(model: str, out: Path, model_config: dict, checkpoint: Path | None = None, extra_args: tuple = ()) -> Path:
     """Run archive.sh for MODEL into OUT with the given model-config (written next to it)."""
     import yaml
 
@@ -29,7 +29,9 @@ def build_archive(model: str, out: Path, model_config: dict, checkpoint: Path | 
     command = [str(REPO / "archive.sh"), model, "--out", str(out), "--model-config", str(config_path)]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
-    subprocess.run(command, check=True, capture_output=True)
+    done = subprocess.run([*command, *extra_args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"archive.sh failed:\n{done.stdout}\n{done.stderr}")
     return out / f"{model}.mar"
 
 
