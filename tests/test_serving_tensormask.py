@@ -96,7 +96,7 @@ def test_explanation_of_an_instance(server):
     [
         ({"img_data": seed_image().tolist()}, "expected 3"),  # H x W x 3 lists: the swin layout, not tensormask's
         ({"img_data": np.zeros((4, 8, 8), dtype=int).tolist()}, "4 channels"),
-        ({"img_data": [[], [], []]}, "empty"),
+        ({"img_data": [[[]], [[]], [[]]]}, "empty"),  # a zero-size image
         ({"img_data": seed_image()[..., ::-1].transpose(2, 0, 1).tolist(), "instance": -1}, "at least 0"),
     ],
 )
