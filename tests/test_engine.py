@@ -99,6 +99,7 @@ def test_idg_of_an_empty_group_is_zero_and_channel_masks_work():
 PEAK_RSS_SCRIPT = """
 import resource, sys, torch
 from vision_attribution.engine import integrate_path
+torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
                             torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval().requires_grad_(False)

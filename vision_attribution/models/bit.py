@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state_dicts import load_strictly, read_state_dict
+
 GROUP_NORM_GROUPS = 32
 STAGE_COUNT = 4
 # Keys under which known training scripts nest the weights (bit_pytorch/train.py saves {"model": ...}).
 CHECKPOINT_CONTAINER_KEYS = ("model", "model_state_dict", "state_dict")
-DATA_PARALLEL_PREFIX = "module."
 _UNIT_KEY = re.compile(r"^body\.block(\d+)\.unit(\d+)\.")
 
 
@@ -106,14 +107,7 @@ class ResNetV2(nn.Module):
 
 def read_bit_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint path or mapping -> flat state dict without the DataParallel ``module.`` prefix."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"BiT checkpoint must be a state dict or a dict holding one, got {type(checkpoint).__name__}")
-    for container_key in CHECKPOINT_CONTAINER_KEYS:
-        if isinstance(checkpoint.get(container_key), Mapping):
-            checkpoint = checkpoint[container_key]
-            break
-    return {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in checkpoint.items()}
+    return read_state_dict(source, CHECKPOINT_CONTAINER_KEYS, "BiT")
 
 
 def infer_bit_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int, int]:
@@ -147,14 +141,4 @@ def load_bit(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ResNetV2
     block_units, width_factor, num_classes = infer_bit_architecture(state_dict)
     with torch.device("meta"):
         model = ResNetV2(block_units, width_factor, num_classes)
-    float_state_dict = {key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
-                        for key, value in state_dict.items()}
-    try:
-        incompatible = model.load_state_dict(float_state_dict, strict=False, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"BiT {model.variant_name} checkpoint does not fit: {error}") from error
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ValueError(
-            f"BiT {model.variant_name} checkpoint does not fit: missing keys {incompatible.missing_keys}, "
-            f"unexpected keys {incompatible.unexpected_keys}")
-    return model.eval().requires_grad_(False)
+    return load_strictly(model, state_dict, f"BiT {model.variant_name}")

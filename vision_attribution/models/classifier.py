@@ -3,29 +3,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..adapter import ExplanationPlan, ModelInput
-from ..decode import PixelLayout
-from ..errors import RequestError
-
-RGB_ROWS = PixelLayout(axes="HWC", order="RGB", grey_and_alpha=True)
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int], mode: str) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """Resize (H, W, 3) uint8 to size=(h, w) bilinearly; mode "stretch" ignores the aspect ratio, "center_crop"
-    scales the shorter side to 8/7 of the target and crops the centre (ImageNet evaluation). Returns the
-    resized image and the (left, top, right, bottom) region of the original that it shows."""
-    height, width = image.shape[:2]
-    picture = Image.fromarray(image)
-    if mode == "stretch":
-        return np.asarray(picture.resize((size[1], size[0]), Image.BILINEAR)), (0.0, 0.0, float(width), float(height))
-    scale = max(size) * 8 / 7 / min(height, width)
-    scaled_w, scaled_h = max(size[1], round(width * scale)), max(size[0], round(height * scale))
-    left, top = (scaled_w - size[1]) // 2, (scaled_h - size[0]) // 2
-    resized = picture.resize((scaled_w, scaled_h), Image.BILINEAR).crop((left, top, left + size[1], top + size[0]))
-    region = (left / scaled_w * width, top / scaled_h * height, (left + size[1]) / scaled_w * width, (top + size[0]) / scaled_h * height)
-    return np.asarray(resized), region
+from .fixed_size import FixedSizeInput, class_by_name_or_index
 
 
 def patch_grid(size: tuple[int, int], cells: int) -> tuple[torch.Tensor, list[str]]:
@@ -37,10 +17,9 @@ def patch_grid(size: tuple[int, int], cells: int) -> tuple[torch.Tensor, list[st
     return masks, [f"patch r{r} c{c}" for r in range(cells) for c in range(cells)]
 
 
-class ClassifierAdapter:
+class ClassifierAdapter(FixedSizeInput):
     """Serves a classifier whose `logits_of(x)` maps (B, 3, h, w) normalised input to (B, K) logits."""
 
-    seed_layout = RGB_ROWS
     seed_explanation_keys = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")
     options = ("n_steps", "method", "target", "target_class", "baseline", "internal_batch_size", "return_path", "idg_grid")
     prediction_types = ("json", "gzip", "npz")
@@ -56,36 +35,14 @@ class ClassifierAdapter:
         resize_mode: str = "stretch",
         idg_grid: int = 4,
     ):
+        super().__init__(input_size, mean, std, device, resize_mode)
         self.logits_of = logits_of
         self.class_names = list(class_names)
-        self.input_size = input_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.device = device
-        self.resize_mode = resize_mode
         self.idg_grid = idg_grid
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) values in [0, 1] -> the model's input space."""
-        return (pixels - self.mean) / self.std
-
-    def prepare(self, image: np.ndarray, options: dict) -> ModelInput:
-        resized, region = resize_image(image, self.input_size, self.resize_mode)
-        pixels = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
-        return ModelInput(tensor=self.normalise(pixels), image=image, region=region)
-
     def class_index(self, target, logits: torch.Tensor) -> int:
-        """A class name or index -> index; None -> the predicted class. Unknown classes are a 400."""
-        if target is None:
-            return int(logits.argmax())
-        if isinstance(target, int):
-            if not 0 <= target < len(self.class_names):
-                raise RequestError(f"class index {target} is out of range 0..{len(self.class_names) - 1}")
-            return target
-        if target in self.class_names:
-            return self.class_names.index(target)
-        shown = self.class_names if len(self.class_names) <= 20 else self.class_names[:20] + ["..."]
-        raise RequestError(f"unknown class {target!r}; classes are {shown} (or give an index)")
+        """A class name or index -> index; None -> the predicted class."""
+        return int(logits.argmax()) if target is None else class_by_name_or_index(target, self.class_names)
 
     @torch.no_grad()
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
@@ -121,8 +78,3 @@ class ClassifierAdapter:
             groups=groups,
             group_labels=labels,
         )
-
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor:
-        if kind == "zeros":
-            return torch.zeros_like(model_input.tensor)
-        return self.normalise(torch.zeros_like(model_input.tensor))

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state_dicts import load_strictly, read_state_dict
+
 # The best CIFAR-10 network of the LaNAS search (LaMCTS README, `--arch`), trained with C=128, 24 layers.
 LANET_NET_ENCODING = (2, 2, 0, 2, 1, 2, 0, 2, 2, 3, 2, 1, 2, 0, 0, 1, 1, 1, 2, 1, 1, 0, 3, 4, 3, 0, 3, 1)
 # Operation index -> name, the `operations` list of LaNet's nasnet_set.py.
 LANET_OPERATIONS = ("sep_conv_3x3", "max_pool_3x3", "skip_connect", "sep_conv_5x5")
 CHECKPOINT_CONTAINER_KEY = "model_state_dict"
-DATA_PARALLEL_PREFIX = "module."
 _CELL_KEY = re.compile(r"^cells\.(\d+)\.")
 
 
@@ -240,12 +241,7 @@ class NetworkCIFAR(nn.Module):
 
 def read_lanet_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint path or mapping -> flat state dict (from ``['model_state_dict']`` if present), ``module.`` stripped."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"LaNet checkpoint must be a state dict or a dict holding one, got {type(checkpoint).__name__}")
-    if isinstance(checkpoint.get(CHECKPOINT_CONTAINER_KEY), Mapping):
-        checkpoint = checkpoint[CHECKPOINT_CONTAINER_KEY]
-    return {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in checkpoint.items()}
+    return read_state_dict(source, (CHECKPOINT_CONTAINER_KEY,), "LaNet")
 
 
 def infer_lanet_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, bool]:
@@ -275,14 +271,4 @@ def load_lanet(source: str | os.PathLike | Mapping[str, torch.Tensor],
     C, num_classes, layers, auxiliary = infer_lanet_architecture(state_dict)
     with torch.device("meta"):
         model = NetworkCIFAR(C, num_classes, layers, auxiliary, decode_lanet_encoding(net_encoding))
-    float_state_dict = {key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
-                        for key, value in state_dict.items()}
-    description = f"LaNet C={C} layers={layers} auxiliary={auxiliary}"
-    try:
-        incompatible = model.load_state_dict(float_state_dict, strict=False, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"{description} checkpoint does not fit: {error}") from error
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ValueError(f"{description} checkpoint does not fit: missing keys {incompatible.missing_keys}, "
-                         f"unexpected keys {incompatible.unexpected_keys}")
-    return model.eval().requires_grad_(False)
+    return load_strictly(model, state_dict, f"LaNet C={C} layers={layers} auxiliary={auxiliary}")

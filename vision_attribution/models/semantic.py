@@ -11,16 +11,15 @@ import torch.nn.functional as F
 
 from ..adapter import ExplanationPlan, ModelInput
 from ..errors import RequestError
-from .classifier import RGB_ROWS, resize_image
+from .fixed_size import FixedSizeInput, class_by_name_or_index
 
 
-class SemanticSegmenterAdapter:
+class SemanticSegmenterAdapter(FixedSizeInput):
     """Serves `logits_of(x)`: (B, 3, h, w) normalised input -> (B, K, h, w) class logits; class 0 is background.
 
     binary: the model has one foreground class whose region is probability >= threshold (option).
     """
 
-    seed_layout = RGB_ROWS
     seed_explanation_keys = None
     prediction_types = ("gzip", "npz", "png", "json")
 
@@ -34,21 +33,13 @@ class SemanticSegmenterAdapter:
         device: torch.device,
         binary: bool = False,
     ):
+        super().__init__(input_size, mean, std, device)
         self.logits_of = logits_of
         self.class_names = list(class_names)
-        self.input_size = input_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.device = device
         self.binary = binary
         self.options = ("n_steps", "method", "target", "baseline", "internal_batch_size", "return_path", "region_reduction") + (
             ("threshold",) if binary else ()
         )
-
-    def prepare(self, image: np.ndarray, options: dict) -> ModelInput:
-        resized, region = resize_image(image, self.input_size, "stretch")
-        pixels = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
-        return ModelInput(tensor=(pixels - self.mean) / self.std, image=image, region=region)
 
     def class_map(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         """(B, K, h, w) logits -> (B, h, w) int64 class per pixel."""
@@ -92,13 +83,7 @@ class SemanticSegmenterAdapter:
             counts = torch.bincount(classes.flatten(), minlength=len(self.class_names))
             foreground = counts[1:]
             return int(foreground.argmax()) + 1 if foreground.sum() > 0 else 0
-        if isinstance(target, str):
-            if target not in self.class_names:
-                raise RequestError(f"unknown class {target!r}; classes are {self.class_names}")
-            return self.class_names.index(target)
-        if not 0 <= target < len(self.class_names):
-            raise RequestError(f"class index {target} is out of range 0..{len(self.class_names) - 1}")
-        return target
+        return class_by_name_or_index(target, self.class_names)
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan:
         with torch.no_grad():
@@ -123,8 +108,3 @@ class SemanticSegmenterAdapter:
             groups=torch.stack([classes == c for c in present]),
             group_labels=[self.class_names[c] for c in present],
         )
-
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor:
-        if kind == "zeros":
-            return torch.zeros_like(model_input.tensor)
-        return (torch.zeros_like(model_input.tensor) - self.mean) / self.std
