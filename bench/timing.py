@@ -4,15 +4,20 @@ import time
 from typing import Callable
 
 
-def interleaved_times(variants: dict[str, Callable[[], object]], repeats: int, warmups: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each variant, `repeats` times each; every round runs all variants once, in an order
-    rotated by one per round, so that load from other processes falls on every variant alike."""
+def interleaved_times(
+    variants: dict[str, Callable[[], object]], repeats: int, budget_s: float = float("inf"), min_repeats: int = 3
+) -> dict[str, list[float]]:
+    """Wall seconds of each variant after one untimed warm-up round. Every round runs all variants once, in
+    an order rotated by one per round, so that load from other processes falls on every variant alike.
+    Runs `repeats` rounds, or stops early (after at least `min_repeats`) once `budget_s` seconds are spent."""
     names = list(variants)
-    for _ in range(warmups):
-        for name in names:
-            variants[name]()
+    for name in names:
+        variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
     for round_index in range(repeats):
+        if round_index >= min_repeats and time.perf_counter() - started > budget_s:
+            break
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()

@@ -122,7 +122,8 @@ class AttributionService:
         method = options.get("method", self.settings.method)
         n_steps = options.get("n_steps", self.settings.n_steps)
         baseline_kind = options.get("baseline", self.settings.baseline)
-        keep_path = True if parsed.seed_format else options.get("return_path", self.settings.return_path)
+        seed_reply = parsed.seed_format and self.adapter.seed_explanation_keys is not None
+        keep_path = True if seed_reply else options.get("return_path", self.settings.return_path)
         integral = integrate_path(
             plan.target_fn,
             model_input.tensor,
@@ -159,7 +160,7 @@ class AttributionService:
                 "masks": plan.groups.cpu(),
                 "labels": plan.group_labels,
             }
-        if parsed.seed_format and self.adapter.seed_explanation_keys:
+        if seed_reply:
             payload = {key: payload[key] for key in self.adapter.seed_explanation_keys}
         return Reply(check_reply_size(self._encode(payload, reply_type), self.settings.max_response_bytes), CONTENT_TYPES[reply_type])
 
