@@ -62,24 +62,24 @@ def integrate_path(
     alphas, weights = path_coefficients(method, n_steps)
     inputs, baseline = inputs.detach(), baseline.detach()
     difference = inputs - baseline
-    weighted_gradient_sum = torch.zeros_like(inputs, dtype=torch.float64)
+    weighted_gradient_sum = torch.zeros_like(inputs)  # accumulated in the input's dtype, as Captum does
     kept_gradients, kept_points = [], []
 
     for start in range(0, n_steps, internal_batch_size):
         chunk_alphas = alphas[start : start + internal_batch_size].to(inputs.device, inputs.dtype)
-        chunk_weights = weights[start : start + internal_batch_size].to(inputs.device)
+        chunk_weights = weights[start : start + internal_batch_size].to(inputs.device, inputs.dtype)
         points = (baseline + chunk_alphas.view(-1, 1, 1, 1) * difference).requires_grad_(True)
         with torch.enable_grad():
             targets = target_fn(points)
             if targets.shape != (points.shape[0],):
                 raise ValueError(f"target function must return shape ({points.shape[0]},), got {tuple(targets.shape)}")
             (gradients,) = torch.autograd.grad(targets.sum(), points)
-        weighted_gradient_sum += torch.einsum("k,kchw->chw", chunk_weights, gradients.double()).unsqueeze(0)
+        weighted_gradient_sum += torch.einsum("k,kchw->chw", chunk_weights, gradients).unsqueeze(0)
         if keep_path:
             kept_gradients.append(gradients.detach().to("cpu", torch.float32))
             kept_points.append(points.detach().to("cpu", torch.float32))
 
-    integrated = difference.double() * weighted_gradient_sum
+    integrated = difference.double() * weighted_gradient_sum.double()
     with torch.no_grad():
         endpoint_targets = target_fn(torch.cat([inputs, baseline])).double().cpu()
     target_at_input, target_at_baseline = endpoint_targets.tolist()
