@@ -1,7 +1,6 @@
 """Adapter for image classifiers: resize and normalise, logits, class targets, IDG over a patch grid."""
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..adapter import ExplanationPlan, ModelInput
