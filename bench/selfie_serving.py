@@ -13,7 +13,6 @@
     .venv/bin/python bench/selfie_serving.py [--requests 96 --rounds 3]
 """
 import argparse
-import io
 import shutil
 import statistics
 import subprocess
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import torch
 from captum.attr import IntegratedGradients
-from PIL import Image
 from skimage import data as photos
 
 from timing import interleaved_times, median, print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from torchserve_harness import TorchServe, build_archive, shipped_model_config  # noqa: E402
+from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config  # noqa: E402
 
 from vision_attribution.engine import integrate_path  # noqa: E402
 from vision_attribution.models.selfie import load_adapter  # noqa: E402
@@ -43,15 +41,6 @@ METHOD = "gausslegendre"
 INTERNAL_BATCH_SIZE = 10
 CLIENT_THREADS = 16
 BATCH_SIZES = (8, 1)
-
-
-def jpeg_bytes(image, size=None) -> bytes:
-    picture = Image.fromarray(image)
-    if size:
-        picture = picture.resize(size)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 def build_archives(workdir: Path) -> Path:
@@ -114,9 +103,7 @@ def explain_latency(store: Path, workdir: Path, repeats: int, budget_s: float) -
 def throughput(store: Path, workdir: Path, n_requests: int, rounds: int) -> None:
     models = [f"selfie_b{batch_size}" for batch_size in BATCH_SIZES]
     body = jpeg_bytes(photos.astronaut(), size=(256, 256))
-    server = TorchServe(workdir, store, models)
-    try:
-        server.wait_ready()
+    with TorchServe(workdir, store, models) as server:
 
         def post(model):
             reply = server.post(f"/predictions/{model}", data=body)
@@ -135,8 +122,6 @@ def throughput(store: Path, workdir: Path, n_requests: int, rounds: int) -> None
         for round_index in range(rounds):
             for model in models if round_index % 2 == 0 else models[::-1]:
                 rates[model].append(requests_per_second(model, n_requests))
-    finally:
-        server.stop()
 
     anchor = statistics.median(rates[models[-1]])
     print(f"(b) TorchServe /predictions, {n_requests} requests of a 256x256 JPEG ({len(body)} bytes) per round from "

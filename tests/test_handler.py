@@ -10,7 +10,7 @@ import torch
 from skimage import data as photos
 from ts.context import Context, RequestProcessor
 
-from test_serving_classifiers import jpeg_bytes
+from torchserve_harness import jpeg_bytes
 from vision_attribution.models.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handlers"))

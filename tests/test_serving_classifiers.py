@@ -12,20 +12,11 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from torchserve_harness import TorchServe, build_archive, shipped_model_config
+from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
 from vision_attribution.models.bit import ResNetV2
 from vision_attribution.models.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
 
 RESPONSE_LIMIT = 3_000_000
-
-
-def jpeg_bytes(array: np.ndarray, size=None) -> bytes:
-    image = Image.fromarray(array)
-    if size:
-        image = image.resize(size)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 def seed_request(array: np.ndarray, target_class: str) -> bytes:
@@ -59,12 +50,8 @@ def server(tmp_path_factory):
         config["attribution"]["max_response_bytes"] = RESPONSE_LIMIT
         config.update(minWorkers=1, maxWorkers=2, batchSize=4, maxBatchDelay=300)
         build_archive(model, store, config, checkpoint)
-    serving = TorchServe(workdir, store, ["effnet", "bit", "lanet"], max_response_size=RESPONSE_LIMIT)
-    try:
-        serving.wait_ready()
+    with TorchServe(workdir, store, ["effnet", "bit", "lanet"], max_response_size=RESPONSE_LIMIT) as serving:
         yield serving
-    finally:
-        serving.stop()
 
 
 def test_effnet_predicts_real_photos(server):

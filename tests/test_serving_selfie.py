@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from test_serving_classifiers import SEED_JSON, jpeg_bytes, seed_client_read
-from torchserve_harness import TorchServe, build_archive, shipped_model_config
+from test_serving_classifiers import SEED_JSON, seed_client_read
+from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
 
 
 def grace_hopper() -> bytes:
@@ -24,12 +24,8 @@ def server(tmp_path_factory):
     store = workdir / "model_store"
     store.mkdir()
     build_archive("selfie", store, shipped_model_config("selfie"))
-    serving = TorchServe(workdir, store, ["selfie"])
-    try:
-        serving.wait_ready()
+    with TorchServe(workdir, store, ["selfie"]) as serving:
         yield serving
-    finally:
-        serving.stop()
 
 
 def test_person_masks_on_real_photos(server):

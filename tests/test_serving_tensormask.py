@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from test_serving_classifiers import SEED_JSON, jpeg_bytes, seed_client_read
+from test_serving_classifiers import SEED_JSON, seed_client_read
 from test_tensormask_model import BASE_TENSORMASK_YAML
-from torchserve_harness import TorchServe, build_archive, shipped_model_config
+from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
 from vision_attribution.models.tensormask import COCO_CLASSES, TensorMask
 
 CHILD_YAML = '_BASE_: "Base-TensorMask.yaml"\nINPUT:\n  MIN_SIZE_TEST: 96\n  MAX_SIZE_TEST: 160\n'
@@ -36,12 +36,8 @@ def server(tmp_path_factory):
     config = shipped_model_config("tensormask")
     config["attribution"].update(n_steps=3, internal_batch_size=3)
     build_archive("tensormask", store, config, checkpoint, ["--config", str(configs / "tensormask_small.yaml")])
-    serving = TorchServe(workdir, store, ["tensormask"])
-    try:
-        serving.wait_ready()
+    with TorchServe(workdir, store, ["tensormask"]) as serving:
         yield serving
-    finally:
-        serving.stop()
 
 
 def seed_image() -> np.ndarray:

@@ -1,4 +1,5 @@
 """A real TorchServe for tests: own TMPDIR, own free ports, started with setsid, stopped by PID."""
+import io
 import json
 import os
 import signal
@@ -8,10 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
+
+
+def jpeg_bytes(array: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """(H, W, 3) uint8 -> JPEG bytes, optionally resized to size=(width, height)."""
+    image = Image.fromarray(array)
+    if size:
+        image = image.resize(size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
 
 
 def free_port() -> int:
@@ -42,7 +55,8 @@ def shipped_model_config(model: str) -> dict:
 
 
 class TorchServe:
-    """One TorchServe process group serving the archives in `model_store`, with token auth on."""
+    """One TorchServe process group serving the archives in `model_store`, with token auth on.
+    As a context manager it waits until every worker is READY and stops the server on exit."""
 
     def __init__(self, workdir: Path, model_store: Path, models: list[str], max_response_size: int = 104857600):
         self.workdir, self.models = workdir, models
@@ -66,6 +80,17 @@ class TorchServe:
             cwd=workdir, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.keys = None
+
+    def __enter__(self) -> "TorchServe":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Ready = every model has all its workers READY (TorchServe's /ping says Healthy too early)."""
