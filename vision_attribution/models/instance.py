@@ -18,8 +18,7 @@ from ..errors import RequestError
 class InstanceDetector(Protocol):
     """What the adapter needs of a detector working on raw (B, 3, h, w) images in its channel order."""
 
-    pixel_mean: torch.Tensor  # (3, 1, 1)
-    pixel_std: torch.Tensor  # (3, 1, 1)
+    pixel_mean: torch.Tensor  # (3, 1, 1): the image that normalises to zero
 
     def detect(self, image: torch.Tensor, original_size: tuple[int, int], score_threshold: float):
         """(3, h, w) -> detections with pred_boxes (N, 4), scores (N,), pred_classes (N,), pred_masks (N, H0, W0), locations (N, L)."""
@@ -55,9 +54,10 @@ class InstanceSegmenterAdapter:
         pixels = torch.from_numpy(np.array(network_image[..., ::-1] if self.bgr else network_image)).to(self.device)
         return ModelInput(tensor=pixels.permute(2, 0, 1)[None].float(), image=image, region=(0.0, 0.0, float(width), float(height)))
 
-    def _detect(self, model_input: ModelInput, original_size: tuple[int, int], options: dict):
+    def _detect(self, model_input: ModelInput, options: dict):
+        """Detections on the network-resolution input, boxes and masks at the original image's size."""
         with torch.no_grad():
-            return self.detector.detect(model_input.tensor[0], original_size=original_size, score_threshold=options.get("threshold", 0.5))
+            return self.detector.detect(model_input.tensor[0], original_size=model_input.image.shape[:2], score_threshold=options.get("threshold", 0.5))
 
     def _prediction(self, detections) -> dict:
         return {
@@ -70,11 +70,7 @@ class InstanceSegmenterAdapter:
 
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
         """Images of different sizes are detected one by one (never stacked)."""
-        return [self._prediction(self._detect(item, self._original_size(item), opts)) for item, opts in zip(inputs, options)]
-
-    @staticmethod
-    def _original_size(model_input: ModelInput) -> tuple[int, int]:
-        return model_input.image.shape[:2]
+        return [self._prediction(self._detect(item, opts)) for item, opts in zip(inputs, options)]
 
     def prediction_png(self, prediction: dict) -> np.ndarray:
         """(H, W) uint8 instance image: 0 = no instance, i + 1 = the i-th detection (highest score wins)."""
@@ -87,7 +83,7 @@ class InstanceSegmenterAdapter:
         return image
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan:
-        detections = self._detect(model_input, self._original_size(model_input), options)
+        detections = self._detect(model_input, options)
         if len(detections) == 0:
             raise RequestError(f"no instance was detected with a score above {options.get('threshold', 0.5)}; lower 'threshold' to explain weaker detections", status=422)
         index = options.get("instance", 0)
