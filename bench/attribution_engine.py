@@ -20,8 +20,9 @@ from skimage import data as photos
 
 from timing import interleaved_times, median, print_table
 from vision_attribution.engine import integrate_path
-from vision_attribution.models.classifier import ClassifierAdapter
-from vision_attribution.models.effnet import INPUT_SIZE, MEAN, STD, imagenet_class_names, load_effnet, packaged_weights
+from vision_attribution.adapters.classifier import ClassifierAdapter
+from vision_attribution.class_names import imagenet_classes
+from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.quadrature import path_coefficients
 
 N_STEPS = 50
@@ -49,8 +50,8 @@ def main():
     args = parser.parse_args()
 
     device = torch.device("cpu")
-    model = load_effnet(packaged_weights(), device)
-    adapter = ClassifierAdapter(model, imagenet_class_names(), INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop", idg_grid=4)
+    model = load_efficientnet_lite0(packaged_weights()).to(device)
+    adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop", idg_grid=4)
     model_input = adapter.prepare(photos.coffee(), {})
     plan = adapter.plan_explanation(model_input, {})
     inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")

@@ -36,11 +36,11 @@ def measure_in_this_process(n_steps, keep_path):
     from skimage import data as photos
 
     from vision_attribution.engine import integrate_path
-    from vision_attribution.models.classifier import ClassifierAdapter
-    from vision_attribution.models.effnet import INPUT_SIZE, MEAN, STD, load_effnet, packaged_weights
+    from vision_attribution.adapters.classifier import ClassifierAdapter
+    from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 
     device = torch.device("cpu")
-    model = load_effnet(packaged_weights(), device)
+    model = load_efficientnet_lite0(packaged_weights()).to(device)
     adapter = ClassifierAdapter(model, [str(index) for index in range(1000)], INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop")
     model_input = adapter.prepare(photos.coffee(), {})
     plan = adapter.plan_explanation(model_input, {})  # the one forward

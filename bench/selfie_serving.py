@@ -1,7 +1,7 @@
 """Selfie (MediaPipe selfie segmentation, real converted weights) on CPU: explain latency and serving throughput.
 
 (a) Explain latency at 50 Gauss-Legendre steps, internal_batch_size 10, on skimage's astronaut photo, with the
-    adapter loaded by selfie.load_adapter from an extracted selfie archive: our integrate_path (IG + IDG per
+    adapter loaded by archives.selfie.load_adapter from an extracted selfie archive: our integrate_path (IG + IDG per
     predicted segment + delta, keep_path=False as the archive serves by default) vs Captum IntegratedGradients
     on the same target function (the plan's person-region logit sum, (B,) per path point) - the anchor. One more
     row times the whole service explain request (JPEG decode, plan, engine, gzip reply) for context.
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config  # noqa: E402
 
 from vision_attribution.engine import integrate_path  # noqa: E402
-from vision_attribution.models.selfie import load_adapter  # noqa: E402
-from vision_attribution.service import AttributionService, IncomingRequest, Settings  # noqa: E402
+from vision_attribution.archives.selfie import load_adapter  # noqa: E402
+from vision_attribution.service import AttributionService, IncomingRequest  # noqa: E402
+from vision_attribution.settings import AttributionSettings  # noqa: E402
 
 N_STEPS = 50
 METHOD = "gausslegendre"
@@ -46,7 +47,7 @@ BATCH_SIZES = (8, 1)
 def build_archives(workdir: Path) -> Path:
     """Convert the weights once, build one archive per batch size into workdir/model_store as selfie_b{N}.mar."""
     checkpoint = workdir / "selfie.pt"
-    subprocess.run([sys.executable, "-m", "vision_attribution.models.selfie_weights", str(checkpoint)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "vision_attribution.networks.selfie_tflite", str(checkpoint)], check=True, capture_output=True)
     store = workdir / "model_store"
     store.mkdir()
     for batch_size in BATCH_SIZES:
@@ -71,7 +72,7 @@ def explain_latency(store: Path, workdir: Path, repeats: int, budget_s: float) -
     inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")
     common = dict(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE)
     captum_ig = IntegratedGradients(lambda points: plan.target_fn(points))
-    service = AttributionService(adapter, Settings(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE, return_path=False))
+    service = AttributionService(adapter, AttributionSettings(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE, return_path=False))
     request = IncomingRequest(fields={"body": jpeg_bytes(photo)}, explain=True)
 
     def ours():

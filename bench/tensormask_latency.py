@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from vision_attribution.models.tensormask import TensorMask
-from vision_attribution.models.tensormask import head as head_module
+from vision_attribution.networks.tensormask import TensorMask
+from vision_attribution.networks.tensormask import head as head_module
 
 
 class SwapAlign2NatTimer:

@@ -1,20 +1,19 @@
-"""TorchServe adapter shared by every archive: reads each request's own explain flag and headers,
-hands the batch to vision_attribution's service, and writes each reply's status and content type."""
+"""The TorchServe handler of every archive: the archive's archive.json names what it serves
+(vision_attribution.archives); this adapter reads each request's own explain flag, headers and id,
+hands the batch to the archive's service, and writes each reply's status and content type."""
 import logging
+import uuid
 from pathlib import Path
 
 import torch
 
-from vision_attribution.service import AttributionService, IncomingRequest, Settings
+from vision_attribution.archives import load_service
+from vision_attribution.service import IncomingRequest
 
 log = logging.getLogger(__name__)
 
 
 class AttributionHandler:
-    """Subclasses set `load_adapter(model_dir, model_config, device) -> ModelAdapter`."""
-
-    load_adapter = None
-
     def __init__(self):
         self.service = None
         self.initialized = False
@@ -23,11 +22,9 @@ class AttributionHandler:
         properties = context.system_properties
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
-        yaml_config = context.model_yaml_config or {}
-        adapter = type(self).load_adapter(Path(properties["model_dir"]), yaml_config.get("model", {}), device)
-        self.service = AttributionService(adapter, Settings.from_config(yaml_config.get("attribution", {})))
+        self.service = load_service(Path(properties["model_dir"]), context.model_yaml_config, device)
         self.initialized = True
-        log.info("%s ready on %s", type(self).__name__, device)
+        log.info("%s ready on %s", context.model_name, device)
 
     def handle(self, data, context):
         """data: one dict per request of the batch; returns one body per request."""
@@ -36,6 +33,7 @@ class AttributionHandler:
                 fields=row,
                 headers=context.get_all_request_header(index) or {},
                 explain=context.get_request_header(index, "explain") == "True",
+                request_id=context.get_request_id(index) or str(uuid.uuid4()),
             )
             for index, row in enumerate(data)
         ]

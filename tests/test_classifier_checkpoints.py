@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-from vision_attribution.models.bit import load_bit
-from vision_attribution.models.lanet import LANET_NET_ENCODING, decode_lanet_encoding, load_lanet
+from vision_attribution.networks.bit import load_bit
+from vision_attribution.networks.lanet import LANET_NET_ENCODING, decode_lanet_encoding, load_lanet
 
 CIFAR_CLASSES = 10
 BIT_R50_UNITS = (3, 4, 6, 3)

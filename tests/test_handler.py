@@ -11,21 +11,31 @@ from skimage import data as photos
 from ts.context import Context, RequestProcessor
 
 from torchserve_harness import jpeg_bytes
-from vision_attribution.models.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+from vision_attribution.archives.build import stage_archive
+from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+from vision_attribution.settings import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handlers"))
-from lanet_handler import LanetHandler  # noqa: E402
+from attribution_handler import AttributionHandler  # noqa: E402
+
+
+def staged_lanet(model_dir: Path, yaml_config: dict) -> None:
+    """An extracted lanet archive: weights.pt and archive.json, as archive.sh stages them."""
+    model_dir.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    network = NetworkCIFAR(8, 10, 5, False, decode_lanet_encoding(LANET_NET_ENCODING))
+    checkpoint = model_dir.parent / f"{model_dir.name}-top1.pt"
+    torch.save({"model_state_dict": network.state_dict()}, checkpoint)
+    stage_archive("lanet", model_dir, yaml_config, checkpoint, None, False)
 
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("lanet-model-dir")
-    torch.manual_seed(0)
-    network = NetworkCIFAR(8, 10, 5, False, decode_lanet_encoding(LANET_NET_ENCODING))
-    torch.save({"model_state_dict": network.state_dict()}, model_dir / "checkpoint.pth")
     yaml_config = {"attribution": {"n_steps": 5, "max_response_bytes": 10_000_000}, "model": {"idg_grid": 2}}
+    staged_lanet(model_dir, yaml_config)
     context = Context("lanet", str(model_dir), {}, 4, None, "0.12.0", model_yaml_config=yaml_config)
-    service = LanetHandler()
+    service = AttributionHandler()
     service.initialize(context)
     return service
 
@@ -52,8 +62,17 @@ def test_each_request_of_a_mixed_batch_gets_its_own_kind_and_status(handler):
     assert context.get_response_content_type(3) == "application/x-npz" and bodies[3][:2] == b"PK"
 
 
-def test_unknown_settings_in_model_config_are_refused(tmp_path):
-    torch.save({"model_state_dict": NetworkCIFAR(8, 10, 5, False, decode_lanet_encoding(LANET_NET_ENCODING)).state_dict()}, tmp_path / "checkpoint.pth")
-    context = Context("lanet", str(tmp_path), {}, 1, None, "0.12.0", model_yaml_config={"attribution": {"nsteps": 5}})
-    with pytest.raises(ValueError, match="unknown handler settings"):
-        LanetHandler().initialize(context)
+@pytest.mark.parametrize(
+    "yaml_config, message",
+    [
+        ({"attribution": {"nsteps": 5}}, r"'attribution:' has unknown key\(s\) \['nsteps'\]; allowed keys are \[.*'n_steps'"),
+        ({"attribution": {"baseline": "blak"}}, r"'attribution.baseline' must be one of zeros, black; got 'blak'"),
+        ({"model": {"idg_grid": 0}}, r"'model.idg_grid' must be between 1 and 32, got 0"),
+        ({"atribution": {}}, r"unknown top-level key\(s\) \['atribution'\]"),
+    ],
+)
+def test_a_worker_refuses_an_invalid_model_config_naming_the_key(tmp_path, yaml_config, message):
+    staged_lanet(tmp_path / "model", {})
+    context = Context("lanet", str(tmp_path / "model"), {}, 1, None, "0.12.0", model_yaml_config=yaml_config)
+    with pytest.raises(ConfigError, match=message):
+        AttributionHandler().initialize(context)

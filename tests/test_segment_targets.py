@@ -5,14 +5,17 @@ import torch
 
 from vision_attribution.engine import integrate_path
 from vision_attribution.errors import RequestError
-from vision_attribution.models.semantic import SemanticSegmenterAdapter
+from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
 
 CLASSES = ("background", "cat", "dog")
 
 
-def tiny_segmenter():
+def tiny_segmenter(absent_class: int | None = None):
+    """A 2-layer conv segmenter over CLASSES; `absent_class` gets a bias of -100 so that it is never predicted."""
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(6, 3, 3, padding=1)).double()
+    if absent_class is not None:
+        net[2].bias.data[absent_class] -= 100
     net = net.eval().requires_grad_(False)
     return SemanticSegmenterAdapter(lambda x: net(x.double()), CLASSES, (12, 12), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
 
@@ -70,17 +73,16 @@ def test_idg_per_mask_equals_an_independent_computation_and_dividends_sum_to_one
 
 
 def test_unknown_or_absent_class_is_a_client_error():
-    adapter = tiny_segmenter()
+    adapter = tiny_segmenter(absent_class=2)
     model_input = adapter.prepare(image(), {})
     with pytest.raises(RequestError, match="unknown class"):
         adapter.plan_explanation(model_input, {"target": "horse"})
     with pytest.raises(RequestError, match="out of range"):
         adapter.plan_explanation(model_input, {"target": 7})
     classes = adapter.class_map(adapter.logits_of(model_input.tensor.double()), 0.5)[0]
-    absent = [c for c in range(3) if not (classes == c).any()]
-    if absent:
-        with pytest.raises(RequestError, match="not predicted anywhere"):
-            adapter.plan_explanation(model_input, {"target": absent[0]})
+    assert not (classes == 2).any() and (classes == 1).any()
+    with pytest.raises(RequestError, match="not predicted anywhere"):
+        adapter.plan_explanation(model_input, {"target": "dog"})
 
 
 def test_predictions_are_masks_at_the_original_size_largest_first():

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from vision_attribution.models.selfie import (
+from vision_attribution.networks.selfie import (
     SelfieSegmenter,
     tflite_same_padding,
     upsample_bilinear,
 )
-from vision_attribution.models.selfie_weights import (
+from vision_attribution.networks.selfie_tflite import (
     SELFIE_TFLITE_MEMBER,
     TRANSPOSE_CONV_BIAS,
     WEIGHTED_OPS,

@@ -3,6 +3,7 @@ import base64
 import gzip
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,8 +14,9 @@ from PIL import Image
 from skimage import data as photos
 
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
-from vision_attribution.models.bit import ResNetV2
-from vision_attribution.models.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+from vision_attribution.networks.bit import ResNetV2
+from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+from vision_attribution.quadrature import path_coefficients
 
 RESPONSE_LIMIT = 3_000_000
 
@@ -101,10 +103,14 @@ def test_seed_request_gets_the_exact_seed_reply(server, model):
     assert result["step_sizes"].shape == (50, 1) and result["step_sizes"].dtype == torch.float64
     assert result["output"].shape == (1, 10) and result["output"].dtype == torch.float32 and not result["output"].requires_grad
     assert result["target_class"] == 3
-    weighted = (result["step_sizes"].view(-1, 1, 1, 1) * result["integrated_directional_grads"].double()).sum(0, keepdim=True)
-    difference = result["intermediates"][-1:] - result["intermediates"][:1]  # x_k are on one line through x' and x
-    assert torch.allclose(difference.double() / (result["step_sizes"].new_tensor(0) + 1), difference.double())
-    assert torch.isfinite(weighted).all()
+    # IG recomputed from the reply alone: the seed's baseline is 0, so x_k = alpha_k x, and IG = x * sum_k w_k g_k.
+    alphas, weights = path_coefficients("gausslegendre", 50)
+    assert torch.equal(result["step_sizes"][:, 0], weights)
+    inputs = result["intermediates"].double() / alphas.view(-1, 1, 1, 1)
+    assert torch.allclose(inputs, inputs[-1:].expand_as(inputs), atol=1e-4)
+    weighted = (weights.view(-1, 1, 1, 1) * result["integrated_directional_grads"].double()).sum(0, keepdim=True)
+    assert torch.allclose(inputs[-1:] * weighted, result["integrated_grads"].double(), rtol=1e-4, atol=1e-6)
+    assert result["integrated_grads"].abs().sum() > 0
 
 
 def test_seed_grey_and_rgba_images_are_converted(server):
@@ -186,9 +192,17 @@ def test_bad_input_gets_a_clear_4xx_and_the_next_request_is_served(server, case)
     assert seed_client_read(follow_up.content)["target_class"] == 3
 
 
-def test_oversize_reply_gets_413_and_the_worker_stays_alive(server):
-    reply = server.post("/explanations/lanet", data=json.dumps({"img_data": GOOD_IMAGE.tolist(), "n_steps": 200}).encode(), headers=SEED_JSON)
+def test_oversize_seed_reply_is_refused_at_once_with_a_hint_a_seed_client_can_use(server):
+    request = {"img_data": GOOD_IMAGE.tolist(), "target_class": "cat", "n_steps": 200}
+    reply = server.post("/explanations/lanet", data=json.dumps(request).encode(), headers=SEED_JSON)
     assert reply.status_code == 413, reply.text
-    assert f"limit of {RESPONSE_LIMIT}" in reply.json()["error"] and "return_path" in reply.json()["error"]
+    error = reply.json()["error"]
+    assert f"limit of {RESPONSE_LIMIT / 2**20:.1f} MiB" in error and '"return_path": false' in error
+    fitting_steps = int(re.search(r"n_steps=(\d+) or fewer fits", error).group(1))
     assert server.workers_ready("lanet")
-    assert server.post("/explanations/lanet", data=seed_request(GOOD_IMAGE, "cat"), headers=SEED_JSON).status_code == 200
+    fitting = server.post("/explanations/lanet", data=json.dumps({**request, "n_steps": fitting_steps}).encode(), headers=SEED_JSON)
+    assert fitting.status_code == 200, fitting.text
+    assert seed_client_read(fitting.content)["integrated_directional_grads"].shape == (fitting_steps, 3, 32, 32)
+    without_path = server.post("/explanations/lanet", data=json.dumps({**request, "return_path": False}).encode(), headers=SEED_JSON)
+    assert without_path.status_code == 200, without_path.text
+    assert set(seed_client_read(without_path.content)) == {"integrated_grads", "step_sizes", "output", "target_class"}

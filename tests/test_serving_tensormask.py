@@ -12,7 +12,7 @@ from skimage import data as photos
 from test_serving_classifiers import SEED_JSON, seed_client_read
 from test_tensormask_model import BASE_TENSORMASK_YAML
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
-from vision_attribution.models.tensormask import COCO_CLASSES, TensorMask
+from vision_attribution.networks.tensormask import COCO_CLASSES, TensorMask
 
 CHILD_YAML = '_BASE_: "Base-TensorMask.yaml"\nINPUT:\n  MIN_SIZE_TEST: 96\n  MAX_SIZE_TEST: 160\n'
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vision_attribution.models.tensormask.swap_align2nat import (
+from vision_attribution.networks.tensormask.swap_align2nat import (
     swap_align2nat,
     swap_align2nat_at_locations,
 )

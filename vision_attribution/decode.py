@@ -39,14 +39,22 @@ def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
 
 
 def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an encoded image (JPEG, PNG, ...) to (H, W, 3) uint8 RGB; EXIF orientation applied, grey/alpha converted."""
+    """Decode an encoded image (JPEG, PNG, TIFF, WebP, ...) to (H, W, 3) uint8 RGB.
+
+    The size is checked from the header before any pixel is decoded. EXIF orientation is applied; grey,
+    palette and CMYK images are converted; transparency is composited over white; high bit depths are
+    scaled to 8 bits (to_8_bit). Multi-frame images (animations, multi-page files) are refused.
+    """
     if not data:
         raise RequestError("the request body is empty; send an image or a JSON request")
     try:
         with Image.open(io.BytesIO(data)) as image:
             check_pixel_count(image.width, image.height, max_pixels)
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise RequestError(f"the image has {frames} frames (an animation or a multi-page file); send a single image")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = to_8_bit(ImageOps.exif_transpose(image))
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 image = image.convert("RGBA")
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -54,10 +62,33 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             return np.array(image.convert("RGB"), dtype=np.uint8)
     except RequestError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise RequestError(f"the image is over the decoder's pixel limit ({error}); send a smaller image", status=413) from error
+    except UnidentifiedImageError as error:
         raise RequestError(f"the provided input is not a valid image ({error})") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise RequestError(f"the image could not be decoded, it may be truncated or corrupt ({error})") from error
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """Scale images of more than 8 bits per sample to 8 bits instead of letting Pillow clip them at 255.
+
+    16-bit integers (mode I;16*, e.g. 16-bit grey PNG and TIFF) are divided by 65535/255; 32-bit integers
+    (mode I) by (2**31 - 1)/255, negatives as 0; 32-bit floats (mode F) are read as intensities in [0, 1] and
+    refused outside it. 16-bit RGB(A) PNGs arrive as 8-bit RGB(A) from Pillow already (their high bytes).
+    """
+    if image.mode.startswith("I;16"):
+        full_scale = 65535.0
+    elif image.mode == "I":
+        full_scale = 2.0**31 - 1
+    elif image.mode == "F":
+        full_scale = 1.0
+    else:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 1):
+        raise RequestError(f"a floating-point image must hold intensities in [0, 1]; this one ranges from {np.nanmin(values):g} to {np.nanmax(values):g}")
+    return Image.fromarray(np.round(np.clip(values, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8), mode="L")
 
 
 def decode_base64_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -7,10 +7,7 @@ import torch
 from isal import igzip
 from PIL import Image
 
-from .errors import RequestError
-
 GZIP_LEVEL = 1
-CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png"}
 
 
 def to_cpu(payload):
@@ -37,15 +34,21 @@ def _flatten(payload: dict, prefix: str = "") -> dict[str, np.ndarray]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             arrays.update(_flatten(value, name + "/"))
-        elif isinstance(value, torch.Tensor):
-            arrays[name] = value.detach().cpu().numpy()
-        else:
-            arrays[name] = np.asarray(value)
+            continue
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            columns = {column: [item.get(column) for item in value] for column in value[0]}  # records -> columns
+            arrays.update(_flatten(columns, name + "/"))
+            continue
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if array.dtype == object:
+            raise TypeError(f"reply field {name!r} is not a plain array (object dtype); np.load would need pickle to read it")
+        arrays[name] = array
     return arrays
 
 
 def encode_npz(payload: dict) -> bytes:
-    """An uncompressed .npz; nested dicts become 'outer/inner' array names."""
+    """An uncompressed .npz readable by np.load without pickle: nested dicts become 'outer/inner' arrays,
+    a list of records (dicts) becomes one 'list/field' array per field, lists of strings unicode arrays."""
     buffer = io.BytesIO()
     np.savez(buffer, **_flatten(payload))
     return buffer.getvalue()
@@ -75,16 +78,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode("utf-8")
-
-
-def check_reply_size(body: bytes, limit: int) -> bytes:
-    """Refuse a reply over the server's response limit with 413 instead of letting it kill the worker."""
-    if len(body) > limit:
-        raise RequestError(
-            f"the reply would be {len(body)} bytes, over this server's response limit of {limit} bytes; "
-            "ask for less: return_path=false drops the path gradients and intermediates, or lower n_steps",
-            status=413,
-        )
-    return body
+def encode_error(message: str, request_id: str | None = None) -> bytes:
+    """JSON error body {"error": message} (plus "request_id" for errors logged on the server)."""
+    return json.dumps({"error": message} if request_id is None else {"error": message, "request_id": request_id}).encode("utf-8")

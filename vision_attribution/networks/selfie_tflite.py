@@ -1,4 +1,4 @@
-"""Real weights for :class:`~vision_attribution.models.selfie.SelfieSegmenter`, converted from TFLite.
+"""Real weights for :class:`~vision_attribution.networks.selfie.SelfieSegmenter`, converted from TFLite.
 
 MediaPipe's selfie segmentation model (Apache-2.0, Copyright The MediaPipe Authors) ships as
 ``selfie_segmentation.tflite`` (fp16 weights) inside the PyPI wheel ``mediapipe==0.10.21``.
@@ -7,7 +7,7 @@ serving), reads the ``.tflite`` straight out of the zip without installing media
 the flatbuffer with the ``tflite`` package's schema classes, dequantizes the fp16 constants and
 maps every op of the graph onto the PyTorch layers.
 
-CLI: ``python -m vision_attribution.models.selfie_weights OUT.pt [--cache-dir DIR]`` writes the
+CLI: ``python -m vision_attribution.networks.selfie_tflite OUT.pt [--cache-dir DIR]`` writes the
 state dict to OUT.pt and the Apache-2.0 notice to OUT.NOTICE.txt.
 """
 
@@ -27,7 +27,7 @@ import tflite
 import torch
 from torch import nn
 
-from vision_attribution.models.selfie import Conv2dSame, SelfieSegmenter
+from vision_attribution.networks.selfie import Conv2dSame, SelfieSegmenter
 
 MEDIAPIPE_VERSION = "0.10.21"
 # The .tflite is identical in every platform's wheel; pinning one wheel makes the download
@@ -58,7 +58,7 @@ wheel mediapipe=={version} (sha256 of the .tflite: {sha256}).
 
 Modifications: the fp16 TFLite weights were dequantized to float32 and rearranged from
 TFLite's NHWC kernel layouts into a PyTorch state dict (NCHW) by
-vision_attribution.models.selfie_weights. The values are otherwise unchanged.
+vision_attribution.networks.selfie_tflite. The values are otherwise unchanged.
 """
 
 
@@ -418,7 +418,7 @@ def write_selfie_checkpoint(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vision_attribution.models.selfie_weights",
+        prog="python -m vision_attribution.networks.selfie_tflite",
         description="Convert MediaPipe's selfie segmentation .tflite (from the mediapipe==0.10.21 wheel) "
         "to a SelfieSegmenter state dict, with its Apache-2.0 notice next to it.",
     )

@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from ...class_names import COCO_CLASSES
+
 __all__ = ["COCO_CLASSES", "DETECTRON2_DEFAULTS", "DEFAULT_CONFIG", "read_tensormask_config",
            "check_supported"]
 
@@ -165,17 +167,3 @@ def read_tensormask_config(path: Optional[str] = None) -> Dict[str, Any]:
             _merge(cfg, layer)
     check_supported(cfg)
     return cfg
-
-# The 80 COCO thing classes in detectron2's contiguous id order (pred_classes index this).
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..adapter import ModelInput
+from .base import ModelInput
 from ..decode import PixelLayout
 from ..errors import RequestError
 

@@ -3,7 +3,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..adapter import ExplanationPlan, ModelInput
+from ..formats.replies import SEED_CLASSIFIER_EXPLANATION_KEYS, classifier_prediction
+from .base import ExplanationPlan, ModelInput
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 
 
@@ -19,8 +20,8 @@ def patch_grid(size: tuple[int, int], cells: int) -> tuple[torch.Tensor, list[st
 class ClassifierAdapter(FixedSizeInput):
     """Serves a classifier whose `logits_of(x)` maps (B, 3, h, w) normalised input to (B, K) logits."""
 
-    seed_explanation_keys = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")
-    options = ("n_steps", "method", "target", "target_class", "baseline", "internal_batch_size", "return_path", "idg_grid")
+    seed_explanation_keys = SEED_CLASSIFIER_EXPLANATION_KEYS
+    options = ("n_steps", "method", "target", "baseline", "internal_batch_size", "return_path", "idg_grid")
     prediction_types = ("json", "gzip", "npz")
 
     def __init__(
@@ -46,20 +47,7 @@ class ClassifierAdapter(FixedSizeInput):
     @torch.no_grad()
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
         logits = self.logits_of(torch.cat([item.tensor for item in inputs])).float()
-        probabilities = logits.softmax(dim=1)
-        replies = []
-        for row, probs in zip(logits, probabilities):
-            top = probs.topk(min(5, len(self.class_names)))
-            replies.append(
-                {
-                    "predicted_name": self.class_names[int(top.indices[0])],
-                    "predicted_class": int(top.indices[0]),
-                    "top5": [{"index": int(i), "name": self.class_names[int(i)], "probability": float(p)} for p, i in zip(top.values, top.indices)],
-                    "output": row[None].cpu(),
-                    "probabilities": probs[None].cpu(),
-                }
-            )
-        return replies
+        return [classifier_prediction(row, self.class_names) for row in logits]
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan:
         with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..adapter import ExplanationPlan, ModelInput
+from .base import ExplanationPlan, ModelInput
 from ..errors import RequestError
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 

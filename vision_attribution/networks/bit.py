@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state_dicts import load_strictly, read_state_dict
+from .checkpoints import load_strictly, read_state_dict
 
 GROUP_NORM_GROUPS = 32
 STAGE_COUNT = 4
@@ -105,9 +105,9 @@ class ResNetV2(nn.Module):
         return self.head(self.body(self.root(images)))[:, :, 0, 0]
 
 
-def read_bit_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_bit_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], trust: bool = False) -> dict[str, torch.Tensor]:
     """Checkpoint path or mapping -> flat state dict without the DataParallel ``module.`` prefix."""
-    return read_state_dict(source, CHECKPOINT_CONTAINER_KEYS, "BiT")
+    return read_state_dict(source, CHECKPOINT_CONTAINER_KEYS, "BiT", trust)
 
 
 def infer_bit_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], int, int]:

@@ -5,8 +5,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
-from .decode import PixelLayout
-from .engine import TargetFunction
+from ..decode import PixelLayout
+from ..engine import TargetFunction
 
 
 @dataclass

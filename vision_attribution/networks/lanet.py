@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state_dicts import load_strictly, read_state_dict
+from .checkpoints import load_strictly, read_state_dict
 
 # The best CIFAR-10 network of the LaNAS search (LaMCTS README, `--arch`), trained with C=128, 24 layers.
 LANET_NET_ENCODING = (2, 2, 0, 2, 1, 2, 0, 2, 2, 3, 2, 1, 2, 0, 0, 1, 1, 1, 2, 1, 1, 0, 3, 4, 3, 0, 3, 1)
@@ -239,9 +239,9 @@ class NetworkCIFAR(nn.Module):
         return logits, aux_logits
 
 
-def read_lanet_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_lanet_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], trust: bool = False) -> dict[str, torch.Tensor]:
     """Checkpoint path or mapping -> flat state dict (from ``['model_state_dict']`` if present), ``module.`` stripped."""
-    return read_state_dict(source, (CHECKPOINT_CONTAINER_KEY,), "LaNet")
+    return read_state_dict(source, (CHECKPOINT_CONTAINER_KEY,), "LaNet", trust)
 
 
 def infer_lanet_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, bool]:

@@ -2,7 +2,7 @@
 
 The network mirrors the graph of MediaPipe's ``selfie_segmentation.tflite`` layer for layer:
 a MobileNetV3-style encoder, a Lite R-ASPP head and a three-stage decoder with skip
-connections. The real weights come from ``vision_attribution.models.selfie_weights``.
+connections. The real weights come from ``vision_attribution.networks.selfie_tflite``.
 
 The module returns person LOGITS (pre-sigmoid); ``torch.sigmoid`` of them, as returned by
 :meth:`SelfieSegmenter.probabilities`, is MediaPipe's own output.
@@ -183,21 +183,3 @@ class SelfieSegmenter(nn.Module):
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B,3,256,256) RGB in [0,1] → (B,1,256,256) person probability (MediaPipe's output)."""
         return torch.sigmoid(self(x))
-
-
-def load_adapter(model_dir, config: dict, device: torch.device):
-    """The selfie archive: checkpoint.pt is the converted state dict; classes background and person."""
-    from pathlib import Path
-
-    from .semantic import SemanticSegmenterAdapter
-
-    model = SelfieSegmenter()
-    model.load_state_dict(torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=True))
-    model = model.eval().requires_grad_(False).to(device)
-
-    def two_class_logits(images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 256, 256) -> (B, 2, 256, 256) logits -l/2 and l/2 for the person logit l: softmax = sigmoid(l)."""
-        half = model(images) / 2
-        return torch.cat([-half, half], dim=1)
-
-    return SemanticSegmenterAdapter(two_class_logits, ("background", "person"), (INPUT_SIZE, INPUT_SIZE), (0, 0, 0), (1, 1, 1), device, binary=True)

@@ -1,8 +1,9 @@
-"""Load detectron2 TensorMask checkpoints: model-zoo ``.pkl`` and ``.pth`` state dicts.
+"""Load detectron2 TensorMask checkpoints: model-zoo pickles (``.pkl``) and torch.save files (``.pth``).
 
-A ``.pkl`` is read with an unpickler that can only rebuild numpy arrays (and the dicts holding
-them): any other global in the pickle, such as ``os.system``, is refused, unless the caller
-passes ``allow_unsafe_pickle=True``. A ``.pth`` is read with ``torch.load(weights_only=True)``.
+The format is told from the file's content, not its name. A pickle is read with an unpickler that can
+only rebuild numpy arrays (written by numpy 1 or 2, pickle protocols 2 to 5) and the dicts holding
+them: any other global in the pickle, such as ``os.system``, is refused, unless the caller passes
+``allow_unsafe_pickle=True``. A torch file is read with ``torch.load(weights_only=True)``.
 """
 import importlib
 import logging
@@ -13,6 +14,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..checkpoints import checkpoint_format, load_torch_file
 from .config import DEFAULT_CONFIG
 from .model import TensorMask
 
@@ -26,7 +28,7 @@ _IGNORED_PREFIXES = ("anchor_generator.cell_anchors.",)
 _IGNORED_KEYS = ("pixel_mean", "pixel_std")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """The checkpoint does not fit the model (missing keys, wrong shapes, wrong format)."""
 
 
@@ -34,18 +36,22 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The pickle asks for something other than numpy arrays."""
 
 
-def _numpy_multiarray():
+def _numpy_core(module: str):
+    """numpy's private core module `module` (multiarray, numeric) under numpy 2's name or numpy 1's."""
     try:
-        return importlib.import_module("numpy._core.multiarray")  # numpy >= 2
+        return importlib.import_module(f"numpy._core.{module}")  # numpy >= 2
     except ImportError:
-        return importlib.import_module("numpy.core.multiarray")
+        return importlib.import_module(f"numpy.core.{module}")
 
 
+# The globals numpy 1 and numpy 2 pickles of arrays use: _reconstruct (protocols 2-4), _frombuffer
+# (protocol 5), scalar (numpy scalars), each under numpy 1's module name and numpy 2's.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_multiarray()._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_multiarray()._reconstruct,
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_multiarray().scalar,
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_multiarray().scalar,
+    **{
+        (f"{package}.{module}", name): (lambda module=module, name=name: getattr(_numpy_core(module), name))
+        for package in ("numpy.core", "numpy._core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    },
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("collections", "OrderedDict"): lambda: __import__("collections").OrderedDict,
@@ -60,7 +66,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if factory is None:
             raise UnsafePickleError(
                 f"refusing to load {module}.{name} from a checkpoint pickle: only numpy arrays "
-                "are allowed (pass allow_unsafe_pickle=True only for files you trust)"
+                "are allowed (archive.sh --trust-checkpoint unpickles fully: only for files you trust)"
             )
         return factory()
 
@@ -75,20 +81,21 @@ class CheckpointReport:
 
 
 def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> Dict[str, object]:
-    """{parameter name: array or tensor} from a ``.pkl`` or ``.pth``, ``model`` wrapper removed."""
-    if str(path).endswith(".pkl"):
+    """{parameter name: array or tensor} from a detectron2 pickle or torch file, ``model`` wrapper removed."""
+    is_pickle = checkpoint_format(path) == "pickle"
+    if is_pickle:
         with open(path, "rb") as f:
             if allow_unsafe_pickle:
                 data = pickle.load(f, encoding="latin1")
             else:
                 data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     else:
-        data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+        data = load_torch_file(path, trust=allow_unsafe_pickle)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(data).__name__}")
     if "model" in data and isinstance(data["model"], dict):
         data = data["model"]
-    elif "blobs" in data or str(path).endswith(".pkl"):
+    elif "blobs" in data or is_pickle:
         raise CheckpointError(
             f"{path}: not a detectron2 checkpoint (no 'model' dict); Caffe2/Detectron1 "
             "checkpoints need detectron2's name-matching heuristics, which are not supported"

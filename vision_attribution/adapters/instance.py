@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..adapter import ExplanationPlan, ModelInput
+from .base import ExplanationPlan, ModelInput
 from ..decode import PixelLayout
 from ..errors import RequestError
 

@@ -1,0 +1,116 @@
+"""Build a TorchServe model archive (.mar): validate, convert and load everything first, then package.
+
+    python -m vision_attribution.archives.build NAME --handler FILE --configs DIR [--checkpoint FILE]
+        [--config FILE] [--model-config FILE] [--out DIR] [--name NAME] [--trust-checkpoint]
+
+(archive.sh passes --handler and --configs.) The model-config is validated, the checkpoint (any file name)
+is read, converted to a plain state dict and loaded strictly, and the staged archive is loaded once the way a
+worker will load it; any problem is reported with its cause and exit status 2, and no archive is written.
+"""
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..settings import ConfigError, read_model_config
+from . import ARCHIVES, MANIFEST_FILE, StageInputs, archive_module, load_service
+
+class BuildError(Exception):
+    """Why an archive cannot be built; archive.sh prints it and exits with status 2."""
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise BuildError(f"cannot read the model-config {path}: {error}") from error
+    if config is not None and not isinstance(config, dict):
+        raise BuildError(f"the model-config {path} must be a YAML mapping")
+    return config or {}
+
+
+def stage_archive(name: str, workdir: Path, model_config: dict, checkpoint: Path | None, framework_config: Path | None, trust: bool) -> list[Path]:
+    """Validate and convert into `workdir`; returns the files to ship besides the weights. Raises BuildError."""
+    module = archive_module(name)
+    try:
+        _, model_settings = read_model_config(model_config, module.MODEL_SETTINGS)
+    except ConfigError as error:
+        raise BuildError(str(error)) from error
+    if checkpoint is None and module.CHECKPOINT == "required":
+        raise BuildError(f"{name} needs --checkpoint FILE: no weights for it exist offline ({module.SUMMARY})")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise BuildError(f"the checkpoint {checkpoint} does not exist")
+    if framework_config is not None and module.FRAMEWORK_CONFIG is None:
+        takers = [other for other in ARCHIVES if archive_module(other).FRAMEWORK_CONFIG]
+        raise BuildError(f"{name} takes no --config; the archives that do are {takers}")
+    if framework_config is not None and not framework_config.is_file():
+        raise BuildError(f"the config {framework_config} does not exist")
+    inputs = StageInputs(checkpoint, framework_config, model_settings, trust, workdir)
+    try:
+        extra_files = module.stage(inputs)
+    except (ValueError, KeyError, pickle.UnpicklingError, EOFError) as error:
+        source = f"the checkpoint {checkpoint}" if checkpoint else "the default weights"
+        raise BuildError(f"{source} cannot be served by the {name} archive: {error}") from error
+    manifest = workdir / MANIFEST_FILE
+    manifest.write_text(json.dumps({"archive": name}))
+    try:  # exactly what a worker will do
+        load_service(workdir, model_config, torch.device("cpu"))
+    except Exception as error:  # noqa: BLE001 - report any reason the workers would not start
+        raise BuildError(f"the staged {name} archive does not load as a worker would load it: {type(error).__name__}: {error}") from error
+    return [manifest, *extra_files]
+
+
+def build(args: argparse.Namespace) -> Path:
+    config_path = args.model_config or args.configs / f"{args.archive}.yaml"
+    model_config = read_yaml(config_path)
+    with tempfile.TemporaryDirectory(prefix=f"{args.archive}-stage-") as stage:
+        workdir = Path(stage)
+        extra_files = stage_archive(args.archive, workdir, model_config, args.checkpoint, args.config, args.trust_checkpoint)
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", args.name or args.archive, "--version", "1.0", "--force", "--export-path", str(args.out),
+            "--handler", str(args.handler), "--serialized-file", str(workdir / "weights.pt"),
+            "--extra-files", ",".join(str(path) for path in extra_files), "--config-file", str(config_path),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
+    return args.out / f"{args.name or args.archive}.mar"
+
+
+def parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<11} {archive_module(name).SUMMARY}" for name in ARCHIVES)
+    p = argparse.ArgumentParser(prog="archive.sh", description=f"Build a TorchServe model archive.\n\narchives:\n{listing}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("archive", choices=ARCHIVES, metavar="ARCHIVE")
+    p.add_argument("--checkpoint", type=Path, help="the weights, any file name (required where no offline weights exist)")
+    takers = "; ".join(f"{name}: {archive_module(name).FRAMEWORK_CONFIG}" for name in ARCHIVES if archive_module(name).FRAMEWORK_CONFIG)
+    p.add_argument("--config", type=Path, help=f"the framework's own model config ({takers})")
+    p.add_argument("--model-config", type=Path, help="replaces handlers/configs/ARCHIVE.yaml (TorchServe keys, attribution:, model:)")
+    p.add_argument("--out", type=Path, default=Path("model_store"), help="where to write ARCHIVE.mar (model_store)")
+    p.add_argument("--name", help="the archive's model name (default: ARCHIVE), e.g. to serve two variants side by side")
+    p.add_argument("--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully (runs code from the file): only for files you trust")
+    p.add_argument("--handler", type=Path, required=True, help=argparse.SUPPRESS)
+    p.add_argument("--configs", type=Path, required=True, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        path = build(args)
+    except BuildError as error:
+        print(f"archive.sh: {error}", file=sys.stderr)
+        return 2
+    print(f"built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

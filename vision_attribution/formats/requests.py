@@ -1,0 +1,122 @@
+"""The request schema, in one place with the reply schema (replies.py); the README's "Formats" documents both.
+
+A request to /predictions/{model} or /explanations/{model} carries one image, as any of:
+  * seed JSON: {"img_data": nested pixel lists in the archive's seed layout, ...options}; the classifier
+    seeds also send "target_class" (a class name). A seed request gets the seed reply.
+  * native JSON: {"image": "<base64 JPEG/PNG>", ...options}.
+  * a raw image body, or a multipart form with an "image" field and options as further form fields
+    (TorchServe 0.12 drops URL query parameters before a handler can see them).
+Options are validated here; an unknown option or a bad value is a 400 that names it.
+"""
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import values
+from ..decode import PixelLayout, decode_base64_image, decode_image_bytes, decode_pixel_lists
+from ..errors import RequestError
+from ..quadrature import METHODS
+from ..settings import BASELINES, Limits
+
+PAYLOAD_FIELDS = ("body", "data")
+SEED_IMAGE_FIELD = "img_data"
+NATIVE_IMAGE_FIELD = "image"
+TARGET_ALIAS = "target_class"  # the classifier seeds' name of `target`, accepted wherever `target` is
+
+
+def option_checks(limits: Limits) -> dict[str, values.Check]:
+    """Every option an archive may accept, with its check; each archive accepts a subset."""
+    return {
+        "n_steps": values.integer(1, limits.max_steps),
+        "method": values.choice(*METHODS),
+        "target": values.class_reference,
+        "baseline": values.choice(*BASELINES),
+        "internal_batch_size": values.integer(1, limits.max_internal_batch_size),
+        "return_path": values.boolean,
+        "threshold": values.number(0.0, 1.0),
+        "region_reduction": values.choice("sum", "mean"),
+        "instance": values.integer(0),
+        "idg_grid": values.integer(1, 32),
+        "native_resolution": values.boolean,
+    }
+
+
+@dataclass
+class ParsedRequest:
+    """One decoded request: the image as (H, W, 3) uint8 RGB, whether it used the seed format, its options."""
+
+    image: np.ndarray
+    seed_format: bool
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_request(fields: dict, layout: PixelLayout, accepted_options: tuple[str, ...], limits: Limits) -> ParsedRequest:
+    """Decode a TorchServe request dict (body/data payload plus form fields and query parameters)."""
+    payload = next((fields[name] for name in PAYLOAD_FIELDS if fields.get(name) is not None), None)
+    loose = {name: value for name, value in fields.items() if name not in PAYLOAD_FIELDS}
+    if payload is None and NATIVE_IMAGE_FIELD in loose:
+        payload = loose.pop(NATIVE_IMAGE_FIELD)
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    if isinstance(payload, (bytes, bytearray)) and bytes(payload[:64]).lstrip()[:1] in (b"{", b"["):
+        payload = parse_json(bytes(payload))
+
+    if isinstance(payload, dict):
+        document = dict(payload)
+        if SEED_IMAGE_FIELD in document and NATIVE_IMAGE_FIELD in document:
+            raise RequestError(f"send either '{SEED_IMAGE_FIELD}' or '{NATIVE_IMAGE_FIELD}', not both")
+        if SEED_IMAGE_FIELD in document:
+            image = decode_pixel_lists(document.pop(SEED_IMAGE_FIELD), layout, limits.max_image_pixels)
+            seed_format = True
+        elif NATIVE_IMAGE_FIELD in document:
+            image = decode_base64_image(document.pop(NATIVE_IMAGE_FIELD), limits.max_image_pixels)
+            seed_format = False
+        else:
+            raise RequestError(
+                f"a JSON request needs '{SEED_IMAGE_FIELD}' ({layout.describe()}) or '{NATIVE_IMAGE_FIELD}' (a base64 JPEG/PNG); "
+                f"got keys {sorted(document)}"
+            )
+        duplicated = sorted(set(document) & set(loose))
+        if duplicated:
+            raise RequestError(f"option(s) {duplicated} given both in the JSON body and as form/query fields")
+        loose.update(document)
+    elif isinstance(payload, (bytes, bytearray)):
+        image, seed_format = decode_image_bytes(bytes(payload), limits.max_image_pixels), False
+    elif payload is None:
+        raise RequestError("the request is empty; send an image body, a multipart 'image' field or a JSON request")
+    else:
+        raise RequestError(f"a JSON request must be an object, got {type(payload).__name__}")
+    return ParsedRequest(image=image, seed_format=seed_format, options=parse_options(loose, accepted_options, limits))
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a JSON request body; malformed, non-UTF-8 or absurdly nested JSON is a 400."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise RequestError(f"the request body is not valid JSON: it is not UTF-8 ({error})") from error
+    except json.JSONDecodeError as error:
+        raise RequestError(f"the request body is not valid JSON ({error})") from error
+    except RecursionError:
+        raise RequestError("the JSON request is nested too deeply to parse; an image is 3 levels of lists") from None
+
+
+def parse_options(raw: dict, accepted_options: tuple[str, ...], limits: Limits) -> dict[str, Any]:
+    """Validate option values; unknown options are refused so that nothing a client sent is ignored."""
+    accepted = set(accepted_options) | ({TARGET_ALIAS} if "target" in accepted_options else set())
+    unknown = sorted(set(raw) - accepted)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; this model accepts {sorted(accepted)}")
+    if TARGET_ALIAS in raw and "target" in raw:
+        raise RequestError(f"give the target as 'target' or '{TARGET_ALIAS}', not both")
+    checks = option_checks(limits)
+    options = {}
+    for name, value in raw.items():
+        key = "target" if name == TARGET_ALIAS else name
+        try:
+            options[key] = checks[key](value)
+        except ValueError as error:
+            raise RequestError(f"option '{name}' {error}") from None
+    return options
