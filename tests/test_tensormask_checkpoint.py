@@ -8,6 +8,7 @@ project's model code.
 """
 import os
 import pickle
+import pickletools
 
 import numpy as np
 import pytest
@@ -121,6 +122,40 @@ def test_pkl_with_old_cell_anchor_buffers_loads(tmp_path, random_weights, model)
         pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
     report = load_tensormask_weights(model, str(path))
     assert report.unexpected == [] and len(report.ignored) == 6
+
+
+def as_written_by_numpy_1(data: bytes) -> bytes:
+    """A pickle written by numpy 2 rewritten with numpy 1's module names (numpy.core.*), as numpy 1 writes
+    them; frames are dropped (they are optional) so that the renamed strings need no frame lengths."""
+    ops = list(pickletools.genops(data))
+    out = bytearray()
+    for index, (op, argument, position) in enumerate(ops):
+        end = ops[index + 1][2] if index + 1 < len(ops) else len(data)
+        if op.name == "FRAME":
+            continue
+        if op.name == "SHORT_BINUNICODE" and argument.startswith("numpy._core"):
+            renamed = argument.replace("numpy._core", "numpy.core").encode()
+            out += b"\x8c" + bytes([len(renamed)]) + renamed
+        elif op.name == "GLOBAL" and argument.startswith("numpy._core"):
+            module, name = argument.split(" ")
+            out += b"c" + module.replace("numpy._core", "numpy.core").encode() + b"\n" + name.encode() + b"\n"
+        else:
+            out += data[position:end]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("numpy_names", ["numpy 2", "numpy 1"])
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickles_of_numpy_1_and_2_at_every_protocol_load(tmp_path, random_weights, model, protocol, numpy_names):
+    data = pickle.dumps({"model": random_weights, "__author__": "Detectron2 Model Zoo"}, protocol=protocol)
+    if numpy_names == "numpy 1":
+        data = as_written_by_numpy_1(data)
+        assert b"numpy._core" not in data and b"numpy.core" in data
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(data)
+    report = load_tensormask_weights(model, str(path))
+    assert report.missing == [] and report.unexpected == []
+    _assert_loaded(model, random_weights)
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
