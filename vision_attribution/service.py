@@ -20,7 +20,7 @@ from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
 
-ENCODERS = {"gzip": encode_gzip_torch, "npz": encode_npz, "json": encode_json}
+ENCODERS = {"gzip": encode_gzip_torch, "npz": encode_npz, "json": encode_json, "opex": encode_json}
 
 
 @dataclass
@@ -106,14 +106,17 @@ class AttributionService:
             return
         for item, output in zip(items, outputs):
             try:
-                if item.reply_type == "png":
-                    body = encode_png(self.adapter.prediction_png(output))
-                else:
-                    body = ENCODERS[item.reply_type](output)
+                body = self._encode_prediction(output, item.reply_type)
                 hint = "ask for image/png or application/gzip" if item.reply_type != "gzip" else "send a smaller image"
                 answers[item.position] = Reply(replies.check_reply_size(body, self.settings.max_response_bytes, hint), replies.CONTENT_TYPES[item.reply_type])
             except Exception as error:  # noqa: BLE001
                 answers[item.position] = self._failure(error, item.request)
+
+    def _encode_prediction(self, prediction: dict, reply_type: str) -> bytes:
+        if reply_type == "png":
+            return encode_png(self.adapter.prediction_png(prediction))
+        document_of = getattr(self.adapter, "prediction_document", None)
+        return ENCODERS[reply_type](document_of(prediction, reply_type) if document_of else prediction)
 
     def _explain(self, parsed: ParsedRequest, reply_type: str) -> Reply:
         options, settings = parsed.options, self.settings

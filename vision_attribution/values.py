@@ -3,6 +3,7 @@
 Each check takes a raw value (JSON value, form-field text or YAML value) and returns the parsed value,
 or raises ValueError with a message that says what was expected; the caller adds the option's name.
 """
+import json
 import math
 from typing import Any, Callable, Optional
 
@@ -12,6 +13,19 @@ Check = Callable[[Any], Any]
 def _text(value):
     """Form fields arrive as bytes; JSON and YAML values as themselves."""
     return value.decode("utf-8", "replace").strip() if isinstance(value, (bytes, bytearray)) else value
+
+
+def _list(value, what: str) -> list:
+    """List-valued options arrive as JSON lists, or as JSON text in a form field."""
+    value = _text(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"must be {what} (JSON), got {value!r}") from None
+    if not isinstance(value, list):
+        raise ValueError(f"must be {what}, got {value!r}")
+    return value
 
 
 def integer(low: int, high: Optional[int] = None) -> Check:
@@ -74,3 +88,17 @@ def class_reference(value):
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"must be a class name or index, got {value!r}")
     return value
+
+
+def extreme_points(value) -> list[list[float]]:
+    """Four [x, y] points of finite numbers, not all equal (DEXTR's extreme points, in any order)."""
+    what = "four [x, y] points, e.g. [[10, 40], [60, 5], [110, 42], [58, 90]]"
+    points = _list(value, what)
+    if len(points) != 4 or not all(isinstance(point, list) and len(point) == 2 for point in points):
+        raise ValueError(f"must be {what}; got {points!r}")
+    numbers = [coordinate for point in points for coordinate in point]
+    if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in numbers):
+        raise ValueError(f"must hold finite numbers only; got {points!r}")
+    if all(point == points[0] for point in points):
+        raise ValueError(f"must be four different points around an object; all four are {points[0]}")
+    return [[float(x), float(y)] for x, y in points]

@@ -1,12 +1,12 @@
 """What a model adapter gives the service: prepared inputs, predictions, and what to explain."""
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
 from ..decode import PixelLayout
-from ..engine import TargetFunction
+from ..engine import PathIntegral, TargetFunction
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ExplanationPlan:
     target: description of the explained scalar ({"kind", "index", "name", ...}).
     prediction: the model's outputs at the input, merged into the reply (e.g. {"output": logits (1, K)}).
     groups: boolean masks (M, h, w) over the model input for IDG, with one label each.
+    integral_summary: further reply fields computed from the integral (e.g. attribution per input channel).
     """
 
     target_fn: TargetFunction
@@ -38,6 +39,7 @@ class ExplanationPlan:
     prediction: dict[str, Any] = field(default_factory=dict)
     groups: Optional[torch.Tensor] = None
     group_labels: list[str] = field(default_factory=list)
+    integral_summary: Optional[Callable[[PathIntegral], dict[str, Any]]] = None
 
 
 class ModelAdapter(Protocol):
@@ -59,3 +61,6 @@ class ModelAdapter(Protocol):
 
     def prediction_png(self, prediction: dict) -> np.ndarray:
         """(H, W) uint8 label image of a prediction; only needed when "png" is in prediction_types."""
+
+    # Optional: `prediction_document(prediction, reply_type) -> dict`, the document to encode for a reply type
+    # (gzip, npz, json, opex) where it differs from the prediction itself.

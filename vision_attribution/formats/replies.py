@@ -5,7 +5,9 @@ Every reply is a dict of tensors, numbers, strings, lists and dicts, encoded by 
 This module names the keys of each reply, builds the explanation reply, estimates its size before any
 work is done, and picks the encoding.
 """
-from typing import Any, Optional
+import base64
+from datetime import datetime
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -20,8 +22,9 @@ REPLY_TYPES = {
     "application/npz": "npz",
     "application/json": "json",
     "image/png": "png",
+    "application/vnd.opex+json": "opex",
 }
-CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png"}
+CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png", "opex": "application/vnd.opex+json"}
 EXPLANATION_TYPES = ("gzip", "npz", "json")
 
 SEED_CLASSIFIER_EXPLANATION_KEYS = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")
@@ -80,9 +83,40 @@ def explanation(integral: PathIntegral, plan: ExplanationPlan, model_input: Mode
         baseline=baseline,
         input_region=torch.tensor(model_input.region, dtype=torch.float64),
     )
+    if plan.integral_summary is not None:
+        payload.update(plan.integral_summary(integral))
     if plan.groups is not None:
         payload["idg_per_mask"] = {"idg": integral.idg, "dividends": integral.idg_dividends, "masks": plan.groups.cpu(), "labels": plan.group_labels}
     return payload
+
+
+SEGMENTER_META = {"segmenter": {"type": "dextr"}}
+OPEX_TIMESTAMP = "%Y%m%d_%H%M%S.%f"  # the opex library's timestamp format
+
+
+def interactive_segment_reply(mask_png: bytes, contours: list, points: Sequence[Sequence[float]], label: int) -> dict[str, Any]:
+    """The DEXTR seed's reply (its Redis mode): {"mask": base64 PNG, "contours": [[[x, y], ...], ...],
+    "meta": {"segmenter": {"type": "dextr"}, "prompt": {"points", "label"}}}."""
+    return {
+        "mask": base64.b64encode(mask_png).decode("ascii"),
+        "contours": contours,
+        "meta": {**SEGMENTER_META, "prompt": {"points": [list(point) for point in points], "label": label}},
+    }
+
+
+def opex_document(contours: list, label: int, object_id: str, meta: dict[str, str], timestamp: Optional[datetime] = None) -> dict[str, Any]:
+    """OPEX (object predictions exchange format): one object per contour with its label, integer bounding box and
+    polygon; `meta` values must be strings (the opex schema)."""
+    objects = []
+    for polygon in contours:
+        xs, ys = [x for x, _ in polygon], [y for _, y in polygon]
+        objects.append({
+            "label": str(label),
+            "bbox": {"left": min(xs), "top": min(ys), "right": max(xs), "bottom": max(ys)},
+            "polygon": {"points": [[x, y] for x, y in polygon]},
+        })  # fmt: skip
+    stamp = (timestamp or datetime.now()).strftime(OPEX_TIMESTAMP)
+    return {"timestamp": stamp, "id": object_id, "objects": objects, "meta": {key: str(value) for key, value in meta.items()}}
 
 
 def seed_explanation(payload: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ def option_checks(limits: Limits) -> dict[str, values.Check]:
         "instance": values.integer(0),
         "idg_grid": values.integer(1, 32),
         "native_resolution": values.boolean,
+        "points": values.extreme_points,
+        "label": values.integer(1, 255),
     }
 
 
