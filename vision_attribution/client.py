@@ -3,9 +3,13 @@
   vision-attribution prepare IMAGE [CLASS] OUT.json [--layout hwc-rgb|chw-bgr|hwc-bgr]
   vision-attribution send URL INPUT OUT [--token-file key_file.json] [--field n_steps=20 ...] [--accept TYPE]
   vision-attribution render REPLY IMAGE OUT.png
+  vision-attribution dextr-redis --redis_in IN --redis_out OUT ...     the DEXTR seed's Redis mode
+  vision-attribution dextr-poll --prediction_in IN --prediction_out OUT ...   its folder-poll mode
+  vision-attribution dextr-train --images DIR --masks DIR --out DIR ...       its training (dextr_train)
 """
 import argparse
 import gzip
+import importlib
 import io
 import json
 import sys
@@ -18,6 +22,11 @@ import torch
 from .decode import decode_image_bytes
 from .render import save_render
 
+DEXTR_COMMANDS = (
+    ("dextr-redis", "vision_attribution.bridges.redis_channel", "the DEXTR seed's Redis mode, in front of TorchServe"),
+    ("dextr-poll", "vision_attribution.bridges.folder_poll", "the DEXTR seed's folder-poll mode, in front of TorchServe"),
+    ("dextr-train", "vision_attribution.training.dextr", "train or fine-tune DEXTR on images with instance masks"),
+)
 LAYOUTS = {"hwc-rgb": (False, False), "hwc-bgr": (False, True), "chw-bgr": (True, True)}
 
 
@@ -106,6 +115,10 @@ def main(argv=None) -> int:
     r.add_argument("reply", type=Path)
     r.add_argument("image", type=Path)
     r.add_argument("out", type=Path)
+    for name, module_name, summary in DEXTR_COMMANDS:
+        module = importlib.import_module(module_name)
+        command = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
     args = parser.parse_args(argv)
 
     if args.command == "prepare":
@@ -114,6 +127,9 @@ def main(argv=None) -> int:
         target, out = (args.rest[0], Path(args.rest[1])) if len(args.rest) == 2 else (None, Path(args.rest[0]))
         prepare(args.image, target, out, args.layout)
         return 0
+    for name, module, _ in DEXTR_COMMANDS:
+        if args.command == name:
+            return importlib.import_module(module).run(args)
     if args.command == "send":
         status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout)
         return 0 if status == 200 else 1

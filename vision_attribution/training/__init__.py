@@ -1,0 +1,1 @@
+"""Training commands: dextr.py (`vision-attribution dextr-train`, the DEXTR seed's dextr_train)."""
