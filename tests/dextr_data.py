@@ -56,9 +56,10 @@ def write_voc_dataset(root: Path, images: int = 10, size: tuple[int, int] = (120
     return image_dir, mask_dir
 
 
-def seed_resunet(final_bias: float | None = None) -> torch.nn.Module:
+def seed_resunet(constant_logit: float | None = None) -> torch.nn.Module:
     """The dextr package's own ResUNet-101 (random weights), built as its dextr_resunet101 builds it, without the
-    pretrained download (and without its in-place write on a leaf tensor, which fails on current torch)."""
+    pretrained download (and without its in-place write on a leaf tensor, which fails on current torch).
+    constant_logit: the classifier's weights zeroed and its bias set to this, so every crop pixel gets this logit."""
     from dextr.architectures.resunet import ResUNet
     from torch import nn
     from torchvision import models
@@ -69,21 +70,22 @@ def seed_resunet(final_bias: float | None = None) -> torch.nn.Module:
     pretrained_ids = {id(parameter) for parameter in network.base_model.parameters()}
     network.pretrained_parameters = list(network.base_model.parameters())
     network.new_parameters = [parameter for parameter in network.parameters() if id(parameter) not in pretrained_ids]
-    if final_bias is not None:
+    if constant_logit is not None:
         with torch.no_grad():
-            network.final_clf.bias.fill_(final_bias)
+            network.final_clf.weight.zero_()
+            network.final_clf.bias.fill_(constant_logit)
     return network.eval()
 
 
-def write_pickled_dextr_model(path: Path, size: int = 512, padding: int = 10, sigma: float = 10.0, final_bias: float | None = None) -> Path:
+def write_pickled_dextr_model(path: Path, size: int = 512, padding: int = 10, sigma: float = 10.0, constant_logit: float | None = None) -> Path:
     """The published checkpoint's format: torch.save of a whole dextr.model.DextrModel."""
     from dextr.model import DextrModel
 
-    torch.save(DextrModel(seed_resunet(final_bias), (size, size), padding, sigma), path)
+    torch.save(DextrModel(seed_resunet(constant_logit), (size, size), padding, sigma), path)
     return path
 
 
-def write_state_dict(path: Path, final_bias: float | None = None) -> Path:
+def write_state_dict(path: Path) -> Path:
     """A plain state dict with the DextrModel's parameter names (e.g. torch.save(model.net.state_dict()))."""
-    torch.save(seed_resunet(final_bias).state_dict(), path)
+    torch.save(seed_resunet().state_dict(), path)
     return path
