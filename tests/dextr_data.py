@@ -30,7 +30,7 @@ def shape_mask(size: tuple[int, int], box: tuple[int, int, int, int], kind: str)
 
 
 def write_voc_dataset(root: Path, images: int = 10, size: tuple[int, int] = (120, 160), seed: int = 0) -> tuple[Path, Path]:
-    """root/images/NAME.jpg and root/masks/NAME.png (palette PNG: 0 background, 1..k objects, 255 void outline):
+    """root/images/NAME.jpg and root/masks/NAME.png (palette PNG as VOC's: 0 background, 1..k objects):
     photo backgrounds with one or two shapes cut out of other photos pasted on them."""
     rng = np.random.default_rng(seed)
     sources = [np.asarray(Image.fromarray(photo).resize((size[1], size[0]), Image.BILINEAR)) for photo in photo_set()]

@@ -111,6 +111,7 @@ def serve(service, fields: dict, explain: bool = False, accept: str | None = Non
         ('[[1, 2], [3, "x"], [5, 6], [7, 8]]', None, "finite numbers"),
         ("[[7, 7], [7, 7], [7, 7], [7, 7]]", None, "all four are [7, 7]"),
         ("[[1, 2], [3, 4], [5, 6], [2000, 8]]", None, "far outside"),
+        ("[[1, 9], [3, 9], [5, 9], [7, 9]]", None, "all have y = 9"),
         ("[[1, 2], [3, 4], [5, 6], [7, 8]]", "256", "between 1 and 255"),
         ("not json", None, "(JSON)"),
     ],

@@ -311,7 +311,8 @@ def test_folder_poll_writes_mask_and_opex_and_moves_bad_pairs_aside(server, fold
     opex = ObjectPredictions.from_json_string((out / "coffee.json").read_text())
     assert opex.id == "coffee" and [found.label for found in opex.objects] == ["5"] and json.loads(opex.meta["points"]) == coffee_points
     assert {path.name for path in out.iterdir()} == {"astronaut.jpg", "astronaut.points", "astronaut.png", "astronaut.json",
-                                                     "coffee.png", "coffee.points", "coffee.json", "failed"}  # fmt: skip
+                                                     "coffee.input.png", "coffee.png", "coffee.points", "coffee.json", "failed"}  # fmt: skip
+    assert np.array_equal(read_png((out / "coffee.input.png").read_bytes()), photos.coffee())
     assert {path.name for path in source.iterdir()} == {"lonely.jpg"} and not list(folders["tmp"].iterdir())
     reasons = {path.name.split(".")[0]: path.read_text() for path in failed.glob("*.reason.txt")}
     assert "four [x, y] points" in reasons["three"] and "truncated or corrupt" in reasons["broken"] and "not JSON" in reasons["garbled"]

@@ -37,11 +37,15 @@ def mask_contours(probability: np.ndarray, threshold: float) -> list[list[list[i
 
 
 def check_points(points: list[list[float]], height: int, width: int) -> None:
-    """400 for points far outside the image (farther than POINT_MARGIN of its larger side)."""
+    """400 for points far outside the image (farther than POINT_MARGIN of its larger side) and for points on one
+    horizontal or vertical line (their crop would have no area)."""
     margin = POINT_MARGIN * max(height, width)
     outside = [point for point in points if not (-margin <= point[0] <= width + margin and -margin <= point[1] <= height + margin)]
     if outside:
         raise RequestError(f"option 'points' has points far outside the {width}x{height} image: {outside}; points are [x, y] pixels of the image")
+    for axis, name in ((0, "x"), (1, "y")):
+        if len({point[axis] for point in points}) == 1:
+            raise RequestError(f"option 'points' all have {name} = {points[0][axis]:g}: the four extreme points must span an area around the object")
 
 
 class ExtremePointsSegmenterAdapter:

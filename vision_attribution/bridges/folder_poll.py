@@ -6,8 +6,8 @@
 
 A pair is NAME.jpg|jpeg|png with NAME.points ({"points": [[x, y] x 4], "label": 1 (optional)}). It gives
 NAME.png (8-bit mask, values 0 and the label) and NAME.json (OPEX) in OUT, each written in TMP (or under a
-hidden name in OUT) and renamed into place, so readers never see half a file; then the pair moves to OUT (or is
-deleted with --delete_input). A pair that cannot be segmented (unreadable points, a bad image, a refused
+hidden name in OUT) and renamed into place, so readers never see half a file; then the pair moves to OUT (an input
+NAME.png as NAME.input.png, beside the mask) or is deleted with --delete_input. A pair that cannot be segmented (unreadable points, a bad image, a refused
 request) moves to FAILED (default OUT/failed) with NAME.reason.txt saying why, and the rest go on. A pair whose
 files are still being written (points not yet JSON, an image without its end marker, younger than --settle
 seconds) is left for the next poll, and so is every pair while TorchServe is unreachable.
@@ -51,6 +51,12 @@ def image_is_complete(path: Path) -> bool:
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return data[-12:-8] == b"\x00\x00\x00\x00" and data[-8:-4] == b"IEND"
     return True  # another format: TorchServe decides
+
+
+def moved_name(path: Path) -> str:
+    """The name an input gets in the output folder: its own, except that NAME.png becomes NAME.input.png there,
+    since NAME.png is the mask."""
+    return f"{path.stem}.input{path.suffix}" if path.suffix.lower() == ".png" else path.name
 
 
 def write_through(data: bytes, destination: Path, tmp_dir: Optional[Path]) -> None:
@@ -149,7 +155,7 @@ class FolderPoller:
             if self.delete_input:
                 path.unlink()
             else:
-                shutil.move(str(path), self.output_dir / path.name)
+                shutil.move(str(path), self.output_dir / moved_name(path))
         log.info("%s: %d contour(s) -> %s", image.name, len(answer["contours"]), self.output_dir / f"{image.stem}.png")
 
     def move_aside(self, image: Path, points: Path, reason: str) -> None:

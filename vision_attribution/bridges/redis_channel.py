@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import redis
 
-from ..formats.replies import SEGMENTER_META
+from ..formats.replies import DEXTR_META
 from .endpoint import EndpointUnavailable, PredictionEndpoint, add_endpoint_arguments, endpoint_from_arguments
 
 log = logging.getLogger("vision_attribution.dextr_redis")
@@ -36,7 +36,7 @@ def error_reply(message: str, status: int, request: Any = None) -> dict:
     prompt = {}
     if isinstance(request, dict):
         prompt = {"points": request.get("points"), "label": request.get("label", 1)}
-    return {"error": message, "status": status, "meta": {**SEGMENTER_META, "prompt": prompt}}
+    return {"error": message, "status": status, "meta": {**DEXTR_META, "prompt": prompt}}
 
 
 class RedisBridge:

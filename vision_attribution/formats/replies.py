@@ -90,7 +90,7 @@ def explanation(integral: PathIntegral, plan: ExplanationPlan, model_input: Mode
     return payload
 
 
-SEGMENTER_META = {"segmenter": {"type": "dextr"}}
+DEXTR_META = {"segmenter": {"type": "dextr"}}
 OPEX_TIMESTAMP = "%Y%m%d_%H%M%S.%f"  # the opex library's timestamp format
 
 
@@ -100,7 +100,7 @@ def interactive_segment_reply(mask_png: bytes, contours: list, points: Sequence[
     return {
         "mask": base64.b64encode(mask_png).decode("ascii"),
         "contours": contours,
-        "meta": {**SEGMENTER_META, "prompt": {"points": [list(point) for point in points], "label": label}},
+        "meta": {**DEXTR_META, "prompt": {"points": [list(point) for point in points], "label": label}},
     }
 
 
