@@ -6,7 +6,8 @@ A real redis-server (tests/redis_harness.py) and `vision-attribution dextr-redis
 Each round sends the same seed request (skimage's astronaut photo as base64 JPEG, four extreme points) once
 directly (POST /predictions/dextr, JSON reply) and once through Redis (publish on the request channel, wait for the
 reply on the reply channel), in alternating order; medians over the rounds and the Redis / HTTP ratio.
-One more row times the network's forward pass alone (in process, same crop) for context.
+Two more rows time the network alone (in process, same crop) for context: a forward pass, and a forward + backward
+pass of the object's summed logits, which is what one explanation path step costs (internal_batch_size 1).
 
     .venv/bin/python bench/dextr_serving.py [--rounds 8]
 """
@@ -54,6 +55,10 @@ def main() -> None:
             with torch.no_grad():
                 network(inputs)
 
+        def forward_backward():
+            points = inputs.clone().requires_grad_(True)
+            torch.autograd.grad(network(points)["out"].sum(), points)
+
         store = workdir / "model_store"
         store.mkdir()
         build_archive("dextr", store, {**shipped_model_config("dextr"), "minWorkers": 1, "maxWorkers": 1}, checkpoint, ("--trust-checkpoint",))
@@ -81,7 +86,7 @@ def main() -> None:
                         pass
                     assert "mask" in json.loads(message["data"]), message
 
-                times = interleaved_times({"direct HTTP": http, "Redis round trip": through_redis, "forward pass only": forward}, args.rounds)
+                times = interleaved_times({"direct HTTP": http, "Redis round trip": through_redis, "forward pass only": forward, "forward + backward": forward_backward}, args.rounds)
             finally:
                 os.killpg(bridge.pid, signal.SIGTERM)
                 bridge.wait(timeout=60)
