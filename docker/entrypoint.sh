@@ -10,6 +10,8 @@ if [ "$#" -gt 0 ] && [ "$1" != torchserve ]; then
   exec "$@"
 fi
 [ "$#" -gt 0 ] && shift
+# TorchServe refuses to start without its temp directory: create them (a Kubernetes emptyDir home is empty).
+mkdir -p "${TMPDIR:-/tmp}" "${TEMP:-/tmp}" "${LOG_LOCATION:-logs}"
 stop() {
   torchserve --stop --foreground || true
 }

@@ -19,10 +19,10 @@ from typing import Optional
 DEFAULT_MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"
 
 
-def read_properties(path: Path) -> dict[str, str]:
-    """config.properties as {key: value} (key=value lines; # comments)."""
+def parse_properties(text: str) -> dict[str, str]:
+    """config.properties text as {key: value} (key=value lines; # comments)."""
     properties = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", type=Path, default=Path(os.environ.get("TS_CONFIG_FILE", "config.properties")), help="TorchServe's config.properties ($TS_CONFIG_FILE)")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"), help="TorchServe's key file, in the directory it was started from")
     args = parser.parse_args(argv)
-    properties = read_properties(args.config) if args.config.exists() else {}
+    properties = parse_properties(args.config.read_text()) if args.config.exists() else {}
     try:
         reasons = unready_models(management_url(properties), management_token(args.key_file), args.models)
     except (OSError, ValueError, KeyError) as error:  # not listening yet, or an unreadable key file
