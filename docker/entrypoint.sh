@@ -12,7 +12,9 @@ fi
 [ "$#" -gt 0 ] && shift
 # TorchServe refuses to start without its temp directory: create them (a Kubernetes emptyDir home is empty).
 mkdir -p "${TMPDIR:-/tmp}" "${TEMP:-/tmp}" "${LOG_LOCATION:-logs}"
+stopping=false
 stop() {
+  stopping=true
   torchserve --stop --foreground || true
 }
 trap stop TERM INT
@@ -20,7 +22,7 @@ torchserve --start --foreground --ncs "$@" &
 server=$!
 status=0
 wait "$server" || status=$?
-if kill -0 "$server" 2>/dev/null; then  # woken by a signal: wait for the stopped server to exit
+if [ "$stopping" = true ]; then  # the wait was cut short by the signal: the launcher's own exit status
   status=0
   wait "$server" || status=$?
 fi
