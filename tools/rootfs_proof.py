@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "ca-certificates"]  # what python:3.11-slim-bookworm has
 HOST_CAS = Path("/usr/local/share/ca-certificates")
 # This machine reaches PyPI through a TLS-intercepting egress proxy: its CAs (HOST_CAS) are added to the
@@ -319,7 +318,7 @@ def main() -> int:
             if not shutil.which("debootstrap"):
                 run(["apt-get", "install", "-y", "-qq", "debootstrap"])
             log(f"debootstrap bookworm into {root}")
-            run(["debootstrap", "--variant=minbase", "bookworm", str(root), MIRROR], stdout=subprocess.DEVNULL)
+            run(["debootstrap", "--variant=minbase", "bookworm", str(root)], stdout=subprocess.DEVNULL)  # Debian's default mirror
         shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
         run(["mount", "-t", "proc", "proc", str(root / "proc")])  # as a build container has them
         run(["mount", "--bind", "/dev", str(root / "dev")])
