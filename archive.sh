@@ -9,7 +9,8 @@
 #   ./archive.sh tensormask --checkpoint model_final.pth [--config tensormask_R_50_FPN_6x.yaml]
 #                                                detectron2 TensorMask checkpoint (pickle or torch.save)
 #   ./archive.sh all                             every embedded default
-# Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml),
+# Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml), --kserve-v2 (batchSize 1
+# for service_envelope=kservev2),
 # --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only).
 # Checkpoints may have any file name. The model-config and the checkpoint are validated and loaded
 # before anything is written: a problem is reported with its cause and exit status 2.

@@ -28,16 +28,18 @@ def encode_gzip_torch(payload: dict) -> bytes:
     return igzip.compress(buffer.getbuffer(), compresslevel=GZIP_LEVEL)
 
 
-def _flatten(payload: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_reply(payload: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """A reply dict -> {name: array}: nested dicts become 'outer/inner', a list of records one 'list/field'
+    array per field, lists of strings unicode arrays (the .npz and KServe v2 replies)."""
     arrays = {}
     for key, value in payload.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            arrays.update(_flatten(value, name + "/"))
+            arrays.update(flatten_reply(value, name + "/"))
             continue
         if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
             columns = {column: [item.get(column) for item in value] for column in value[0]}  # records -> columns
-            arrays.update(_flatten(columns, name + "/"))
+            arrays.update(flatten_reply(columns, name + "/"))
             continue
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         if array.dtype == object:
@@ -50,7 +52,7 @@ def encode_npz(payload: dict) -> bytes:
     """An uncompressed .npz readable by np.load without pickle: nested dicts become 'outer/inner' arrays,
     a list of records (dicts) becomes one 'list/field' array per field, lists of strings unicode arrays."""
     buffer = io.BytesIO()
-    np.savez(buffer, **_flatten(payload))
+    np.savez(buffer, **flatten_reply(payload))
     return buffer.getvalue()
 
 

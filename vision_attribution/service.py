@@ -14,13 +14,13 @@ from .adapters.base import ModelAdapter, ModelInput
 from .encode import encode_error, encode_gzip_torch, encode_json, encode_npz, encode_png
 from .engine import integrate_path
 from .errors import RequestError
-from .formats import replies
+from .formats import kserve_v2, replies
 from .formats.requests import ParsedRequest, parse_request
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
 
-ENCODERS = {"gzip": encode_gzip_torch, "npz": encode_npz, "json": encode_json, "opex": encode_json}
+ENCODERS = {"gzip": encode_gzip_torch, "npz": encode_npz, "json": encode_json, "opex": encode_json, "kserve_v2": kserve_v2.encode_outputs}
 
 
 @dataclass
@@ -31,6 +31,7 @@ class IncomingRequest:
     headers: dict = field(default_factory=dict)
     explain: bool = False
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # TorchServe's, where it gives one
+    kserve_v2_inputs: Optional[list] = None  # the inputs of a KServe v2 request (formats/kserve_v2.py); fields unused then
 
     def header(self, name: str) -> Optional[str]:
         for key, value in self.headers.items():
@@ -77,14 +78,19 @@ class AttributionService:
         predictions: list[_Prediction] = []
         for position, request in enumerate(requests):
             try:
-                parsed = parse_request(request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits)
+                if request.kserve_v2_inputs is not None:  # the protocol fixes the reply: v2 outputs
+                    parsed = kserve_v2.parse_inputs(request.kserve_v2_inputs, self.adapter.options, self.settings.limits)
+                else:
+                    parsed = parse_request(request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits)
                 if request.explain:
-                    reply_type = replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES)
+                    reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (
+                        replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES))
                     answers[position] = self._explain(parsed, reply_type)
                 else:
                     types = self.adapter.prediction_types
                     default = "gzip" if parsed.seed_format and "gzip" in types else types[0]
-                    reply_type = replies.negotiate_reply_type(request.header("accept"), default, types)
+                    reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (
+                        replies.negotiate_reply_type(request.header("accept"), default, types))
                     predictions.append(_Prediction(position, request, parsed, self.adapter.prepare(parsed.image, parsed.options), reply_type))
             except Exception as error:  # noqa: BLE001 - every failure becomes this request's reply
                 answers[position] = self._failure(error, request)
@@ -107,7 +113,7 @@ class AttributionService:
         for item, output in zip(items, outputs):
             try:
                 body = self._encode_prediction(output, item.reply_type)
-                hint = "ask for image/png or application/gzip" if item.reply_type != "gzip" else "send a smaller image"
+                hint = "ask for image/png or application/gzip" if item.reply_type in ("npz", "json") else "send a smaller image"
                 answers[item.position] = Reply(replies.check_reply_size(body, self.settings.max_response_bytes, hint), replies.CONTENT_TYPES[item.reply_type])
             except Exception as error:  # noqa: BLE001
                 answers[item.position] = self._failure(error, item.request)
@@ -145,7 +151,8 @@ class AttributionService:
         payload = replies.explanation(integral, plan, model_input, method, baseline_kind)
         if seed_reply:
             payload = replies.seed_explanation(payload, self.adapter.seed_explanation_keys)
-        hint = "lower n_steps or send return_path=false" if keep_path else "lower n_steps or ask for application/gzip"
+        hint = "lower n_steps or send return_path=false" if keep_path else (
+            "lower n_steps" if reply_type == "kserve_v2" else "lower n_steps or ask for application/gzip")
         return Reply(replies.check_reply_size(ENCODERS[reply_type](payload), limit, hint), replies.CONTENT_TYPES[reply_type])
 
     @staticmethod

@@ -71,6 +71,10 @@ def build(args: argparse.Namespace) -> Path:
     model_config = read_yaml(config_path)
     with tempfile.TemporaryDirectory(prefix=f"{args.archive}-stage-") as stage:
         workdir = Path(stage)
+        if args.kserve_v2:  # TorchServe's kservev2 envelope answers only the first request of a batch
+            model_config["batchSize"] = 1
+            config_path = workdir / "model-config.yaml"
+            config_path.write_text(yaml.safe_dump(model_config, sort_keys=False))
         extra_files = stage_archive(args.archive, workdir, model_config, args.checkpoint, args.config, args.trust_checkpoint)
         args.out.mkdir(parents=True, exist_ok=True)
         command = [
@@ -95,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", type=Path, help="replaces handlers/configs/ARCHIVE.yaml (TorchServe keys, attribution:, model:)")
     p.add_argument("--out", type=Path, default=Path("model_store"), help="where to write ARCHIVE.mar (model_store)")
     p.add_argument("--name", help="the archive's model name (default: ARCHIVE), e.g. to serve two variants side by side")
+    p.add_argument("--kserve-v2", action="store_true", help="for service_envelope=kservev2 (KServe v2): batchSize 1, the envelope serves no batches")
     p.add_argument("--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully (runs code from the file): only for files you trust")
     p.add_argument("--handler", type=Path, required=True, help=argparse.SUPPRESS)
     p.add_argument("--configs", type=Path, required=True, help=argparse.SUPPRESS)

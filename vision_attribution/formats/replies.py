@@ -24,7 +24,7 @@ REPLY_TYPES = {
     "image/png": "png",
     "application/vnd.opex+json": "opex",
 }
-CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png", "opex": "application/vnd.opex+json"}
+CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png", "opex": "application/vnd.opex+json", "kserve_v2": "application/json"}
 EXPLANATION_TYPES = ("gzip", "npz", "json")
 
 SEED_CLASSIFIER_EXPLANATION_KEYS = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")
@@ -125,11 +125,12 @@ def seed_explanation(payload: dict[str, Any], keys: tuple[str, ...]) -> dict[str
 
 
 # Reply size estimates, per value, by encoding: float32 path tensors do not compress in practice;
-# boolean masks compress at least 8:1 with gzip; JSON spends about 20 characters on a float.
+# boolean masks compress at least 8:1 with gzip; JSON (also KServe v2's) spends about 20 characters on a float.
 _BYTES_PER_VALUE = {
     "gzip": {"float": 4.0, "bool": 0.125},
     "npz": {"float": 4.0, "bool": 1.0},
     "json": {"float": 20.0, "bool": 6.0},
+    "kserve_v2": {"float": 20.0, "bool": 6.0},
 }
 
 
@@ -170,7 +171,7 @@ def refuse_oversize_explanation(
     if keep_path:
         drop = "the seed reply's integrated_directional_grads and intermediates" if seed_reply else "the path gradients and intermediates"
         hints.append(f"\"return_path\": false drops {drop}")
-    if reply_type != "gzip":
+    if reply_type in ("npz", "json"):
         hints.append("Accept: application/gzip is smaller")
     if has_threshold and plan.groups is not None and _tensor_bytes(plan.groups, reply_type) > limit / 4:
         hints.append(f"the {len(plan.groups)} masks are a large part: a higher 'threshold' gives fewer")
