@@ -77,7 +77,9 @@ class AttributionService:
         predictions: list[_Prediction] = []
         for position, request in enumerate(requests):
             try:
-                parsed = parse_request(request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits)
+                parsed = parse_request(
+                    request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits, request.header("content-type")
+                )
                 if request.explain:
                     reply_type = replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES)
                     answers[position] = self._explain(parsed, reply_type)
