@@ -388,7 +388,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_worker_killed_during_an_explanation_answers_507_at_once_and_is_replaced(server, record_property):
+def test_a_worker_killed_during_an_explanation_answers_worker_died_at_once_and_is_replaced(server, record_property):
     (pid,) = server.worker_pids("effnet")
     busy_from = cpu_seconds(pid)
     outcome = {}
@@ -409,7 +409,8 @@ def test_a_worker_killed_during_an_explanation_answers_507_at_once_and_is_replac
     request.join(timeout=RESPONSE_TIMEOUT + 90)
     assert not request.is_alive()
     reply, answered_after = outcome["reply"], outcome["at"] - killed_at
-    assert reply.status_code == 507 and reply.json()["message"] == "Worker died.", reply.text
+    # 507 when TorchServe has already reaped the worker (exit status 137: killed) as it answers, else 500.
+    assert reply.status_code in (507, 500) and reply.json()["message"] == "Worker died.", reply.text
     assert client.lost_with_its_worker(reply)  # so the project's client sends it again
     assert answered_after < 30, f"the client waited {answered_after:.1f} s for the worker's death"
 
@@ -419,7 +420,7 @@ def test_a_worker_killed_during_an_explanation_answers_507_at_once_and_is_replac
         time.sleep(0.25)
     recovery = time.monotonic() - killed_at
     record_property("worker_recovery_s", round(recovery, 1))
-    print(f"507 'Worker died.' {answered_after:.2f} s after the kill; a new worker READY after {recovery:.1f} s")
+    print(f"{reply.status_code} 'Worker died.' {answered_after:.2f} s after the kill; a new worker READY after {recovery:.1f} s")
     assert_served_normally(server, "effnet")
     again = server.post("/explanations/effnet", files={"image": jpeg_bytes(photos.coffee())}, data={"n_steps": "2"}, timeout=RESPONSE_TIMEOUT)
     assert again.status_code == 200 and seed_client_read(again.content)["target"]["name"] == "espresso"
