@@ -54,7 +54,7 @@ def server(tmp_path_factory):
         config.update(minWorkers=1, maxWorkers=1, batchSize=4, maxBatchDelay=500)
         extra = ["--config", str(workdir / "tensormask_small.yaml")] if name == "tensormask" else []
         build_archive(name, store, config, checkpoints[name], (*extra, *(() if name == BATCHED else ("--kserve-v2",))))
-    with TorchServe(workdir, store, list(ARCHIVES), extra_config="service_envelope=kservev2") as serving:
+    with TorchServe(workdir, store, list(ARCHIVES), extra_config={"service_envelope": "kservev2"}) as serving:
         yield serving
 
 

@@ -1,5 +1,6 @@
 """A real TorchServe for tests: own TMPDIR, own free ports, started with setsid, stopped by PID."""
 import io
+import ipaddress
 import json
 import os
 import signal
@@ -54,28 +55,37 @@ def shipped_model_config(model: str) -> dict:
     return yaml.safe_load((REPO / "handlers" / "configs" / f"{model}.yaml").read_text())
 
 
+def _kernel_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order) -> its usual text form."""
+    raw = b"".join(int(hex_address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_address), 8))
+    return str(ipaddress.ip_address(raw))
+
+
 class TorchServe:
     """One TorchServe process group serving the archives in `model_store`, with token auth on.
     As a context manager it waits until every worker is READY and stops the server on exit."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: list[str], max_response_size: int = 104857600, extra_config: str = ""):
-        """extra_config: config.properties lines appended to the project's (e.g. service_envelope=kservev2)."""
+    def __init__(self, workdir: Path, model_store: Path, models: list[str], max_response_size: int = 104857600, extra_config: dict | None = None):
+        """extra_config: further config.properties keys, e.g. {"enable_model_api": "true"} to allow registration."""
         self.workdir, self.models = workdir, models
         self.inference_port, self.management_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_ports = (free_port(), free_port())  # TorchServe always opens its gRPC inference and management APIs
         self.inference = f"http://127.0.0.1:{self.inference_port}"
         self.management = f"http://127.0.0.1:{self.management_port}"
         config = (REPO / "config.properties").read_text()
         config = config.replace("127.0.0.1:8080", f"127.0.0.1:{self.inference_port}")
         config = config.replace("127.0.0.1:8081", f"127.0.0.1:{self.management_port}")
         config = config.replace("127.0.0.1:8082", f"127.0.0.1:{self.metrics_port}")
+        config = config.replace("grpc_inference_port=7070", f"grpc_inference_port={self.grpc_ports[0]}")
+        config = config.replace("grpc_management_port=7071", f"grpc_management_port={self.grpc_ports[1]}")
         config = config.replace("model_store=model_store", f"model_store={model_store}")
         config = config.replace("max_response_size=104857600", f"max_response_size={max_response_size}")
-        # gRPC listens on 7070/7071 by default: give it free ports too, so that servers run side by side.
-        config += f"\ngrpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n{extra_config}\n"
+        config += "".join(f"{key}={value}\n" for key, value in (extra_config or {}).items())
         (workdir / "config.properties").write_text(config)
         (workdir / "tmp").mkdir(exist_ok=True)
         self.log_path = workdir / "torchserve.log"
-        # TEMP sets the frontend's java.io.tmpdir, where the worker sockets live (/tmp/.ts.sock.9000 otherwise).
+        # TEMP becomes the frontend's java.io.tmpdir, where it puts the workers' Unix sockets (.ts.sock.9000, ...):
+        # under /tmp, servers started side by side would take over each other's worker sockets.
         env = dict(os.environ, TMPDIR=str(workdir / "tmp"), TEMP=str(workdir / "tmp"), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         self.process = subprocess.Popen(
@@ -121,6 +131,10 @@ class TorchServe:
     def workers(self, model: str) -> list[dict]:
         return self.model_description(model).get("workers", [])
 
+    def worker_pids(self, model: str) -> list[int]:
+        """Process ids of the model's workers, as the management API reports them (`workers[].pid`)."""
+        return [worker["pid"] for worker in self.workers(model)]
+
     def workers_ready(self, model: str) -> bool:
         try:
             workers = self.workers(model)
@@ -133,6 +147,45 @@ class TorchServe:
 
     def post(self, path: str, timeout: float = 300, headers: dict | None = None, **kwargs) -> requests.Response:
         return requests.post(f"{self.inference}{path}", headers={**self.auth(), **(headers or {})}, timeout=timeout, **kwargs)
+
+    def manage(self, method: str, path: str, timeout: float = 300, headers: dict | None = None, **kwargs) -> requests.Response:
+        """A management API call with the management token (headers may replace it)."""
+        return requests.request(method, f"{self.management}{path}", headers={**self.auth("management"), **(headers or {})}, timeout=timeout, **kwargs)
+
+    def process_ids(self) -> list[int]:
+        """Every live process of the server's process group: the launcher, the Java frontend and the workers."""
+        group = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rpartition(")")[2].split()[2]) == self.process.pid:  # field 5, pgrp
+                    group.append(int(entry.name))
+        return group
+
+    def tcp_listeners(self) -> list[tuple[str, int]]:
+        """(address, port) of every TCP socket in LISTEN state held by a process of the server, read from the
+        kernel's tables (/proc/net/tcp, tcp6) through the processes' open socket inodes."""
+        inodes = set()
+        for pid in self.process_ids():
+            try:
+                for fd in (Path("/proc") / str(pid) / "fd").iterdir():
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            except OSError:
+                continue
+        listeners = []
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A = TCP_LISTEN
+                    address, port = local.split(":")
+                    listeners.append((_kernel_address(address), int(port, 16)))
+        return listeners
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,7 +1,7 @@
 """Command-line client: prepare seed-style inputs, send them with the TorchServe token, render replies.
 
   vision-attribution prepare IMAGE [CLASS] OUT.json [--layout hwc-rgb|chw-bgr|hwc-bgr]
-  vision-attribution send URL INPUT OUT [--token-file key_file.json] [--field n_steps=20 ...] [--accept TYPE]
+  vision-attribution send URL INPUT OUT [--token-file key_file.json] [--field n_steps=20 ...] [--accept TYPE] [--retries 1]
   vision-attribution render REPLY IMAGE OUT.png
   vision-attribution dextr-redis --redis_in IN --redis_out OUT ...     the DEXTR seed's Redis mode
   vision-attribution dextr-poll --prediction_in IN --prediction_out OUT ...   its folder-poll mode
@@ -28,6 +28,7 @@ DEXTR_COMMANDS = (
     ("dextr-train", "vision_attribution.training.dextr", "train or fine-tune DEXTR on images with instance masks"),
 )
 LAYOUTS = {"hwc-rgb": (False, False), "hwc-bgr": (False, True), "chw-bgr": (True, True)}
+WORKER_LOSS_MESSAGES = ("Worker died.", "Worker scaled down.")  # TorchServe's own replies when it loses a worker
 
 
 def prepare(image_path: Path, target_class, out: Path, layout: str = "hwc-rgb") -> None:
@@ -50,7 +51,29 @@ def read_token(token_file: Path | None, api: str = "inference") -> str | None:
     return json.loads(token_file.read_text())[api]["key"]
 
 
-def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict, accept: str | None, timeout: float) -> int:
+def lost_with_its_worker(reply: requests.Response) -> bool:
+    """Whether TorchServe itself failed the request because the worker serving it died (killed, out of memory) or
+    was scaled down: its own JSON {"code", "type", "message"}, not the handler's {"error"}."""
+    if reply.status_code not in (500, 507):
+        return False
+    try:
+        return reply.json().get("message") in WORKER_LOSS_MESSAGES
+    except ValueError:
+        return False
+
+
+def post(url: str, retries: int = 1, **kwargs) -> requests.Response:
+    """requests.post, sent again (at most `retries` times) when TorchServe lost the request with its worker.
+    Predictions and explanations have no side effects, so sending one again is safe."""
+    reply = requests.post(url, **kwargs)
+    for _ in range(retries):
+        if not lost_with_its_worker(reply):
+            break
+        reply = requests.post(url, **kwargs)
+    return reply
+
+
+def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict, accept: str | None, timeout: float, retries: int = 1) -> int:
     """POST a JSON file as JSON, or an image (with form fields, if any); save the reply body. Returns the status."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if accept:
@@ -59,11 +82,11 @@ def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict,
     if input_path.suffix == ".json":
         document = json.loads(body)
         document.update(fields)
-        reply = requests.post(url, data=json.dumps(document), headers={**headers, "Content-Type": "application/json"}, timeout=timeout)
+        reply = post(url, retries, data=json.dumps(document), headers={**headers, "Content-Type": "application/json"}, timeout=timeout)
     elif fields:
-        reply = requests.post(url, files={"image": (input_path.name, body)}, data=fields, headers=headers, timeout=timeout)
+        reply = post(url, retries, files={"image": (input_path.name, body)}, data=fields, headers=headers, timeout=timeout)
     else:
-        reply = requests.post(url, data=body, headers=headers, timeout=timeout)
+        reply = post(url, retries, data=body, headers=headers, timeout=timeout)
     out.write_bytes(reply.content)
     if reply.status_code != 200:
         print(f"{reply.status_code}: {reply.text}", file=sys.stderr)
@@ -111,6 +134,7 @@ def main(argv=None) -> int:
     s.add_argument("--field", type=_field, action="append", default=[], help="option NAME=VALUE (repeatable)")
     s.add_argument("--accept", help="reply type, e.g. application/x-npz or image/png")
     s.add_argument("--timeout", type=float, default=600)
+    s.add_argument("--retries", type=int, default=1, help="resend a request TorchServe lost with its worker (died, scaled down)")
     r = commands.add_parser("render", help="render a saved reply over the image as PNG")
     r.add_argument("reply", type=Path)
     r.add_argument("image", type=Path)
@@ -131,7 +155,7 @@ def main(argv=None) -> int:
         if args.command == name:
             return importlib.import_module(module).run(args)
     if args.command == "send":
-        status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout)
+        status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout, args.retries)
         return 0 if status == 200 else 1
     reply = load_reply(args.reply)
     target = reply.get("target", {})

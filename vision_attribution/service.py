@@ -81,7 +81,9 @@ class AttributionService:
                 if request.kserve_v2_inputs is not None:  # the protocol fixes the reply: v2 outputs
                     parsed = kserve_v2.parse_inputs(request.kserve_v2_inputs, self.adapter.options, self.settings.limits)
                 else:
-                    parsed = parse_request(request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits)
+                    parsed = parse_request(
+                        request.fields, self.adapter.seed_layout, self.adapter.options, self.settings.limits, request.header("content-type")
+                    )
                 if request.explain:
                     reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (
                         replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES))

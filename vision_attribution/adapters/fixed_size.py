@@ -23,9 +23,10 @@ def resize_image(image: np.ndarray, size: tuple[int, int], mode: str) -> tuple[n
     scale = max(size) * 8 / 7 / min(height, width)
     scaled_w, scaled_h = max(size[1], round(width * scale)), max(size[0], round(height * scale))
     left, top = (scaled_w - size[1]) // 2, (scaled_h - size[0]) // 2
-    resized = picture.resize((scaled_w, scaled_h), Image.BILINEAR).crop((left, top, left + size[1], top + size[0]))
     region = (left / scaled_w * width, top / scaled_h * height, (left + size[1]) / scaled_w * width, (top + size[0]) / scaled_h * height)
-    return np.asarray(resized), region
+    # Resample only the kept region: scaling the whole image first would allocate scaled_w x scaled_h pixels,
+    # gigabytes for an elongated image (2 x 30000 pixels scale to 3,840,000 x 256).
+    return np.asarray(picture.resize((size[1], size[0]), Image.BILINEAR, box=region)), region
 
 
 def class_by_name_or_index(target, class_names: Sequence[str]) -> int:

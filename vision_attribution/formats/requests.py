@@ -54,8 +54,9 @@ class ParsedRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_request(fields: dict, layout: PixelLayout, accepted_options: tuple[str, ...], limits: Limits) -> ParsedRequest:
-    """Decode a TorchServe request dict (body/data payload plus form fields and query parameters)."""
+def parse_request(fields: dict, layout: PixelLayout, accepted_options: tuple[str, ...], limits: Limits, content_type: str | None = None) -> ParsedRequest:
+    """Decode a TorchServe request dict (body/data payload plus form fields and query parameters); `content_type`
+    (the request's header) only makes the error for a request without an image more precise."""
     payload = next((fields[name] for name in PAYLOAD_FIELDS if fields.get(name) is not None), None)
     loose = {name: value for name, value in fields.items() if name not in PAYLOAD_FIELDS}
     if payload is None and NATIVE_IMAGE_FIELD in loose:
@@ -86,6 +87,18 @@ def parse_request(fields: dict, layout: PixelLayout, accepted_options: tuple[str
         loose.update(document)
     elif isinstance(payload, (bytes, bytearray)):
         image, seed_format = decode_image_bytes(bytes(payload), limits.max_image_pixels), False
+    elif payload is None and loose:
+        names = sorted(name if len(name) <= 40 else name[:37] + "..." for name in loose)
+        raise RequestError(
+            f"the request has no image, only the field(s) {names}; send the image as the body, as the multipart "
+            f"field '{NATIVE_IMAGE_FIELD}', or as JSON ('{SEED_IMAGE_FIELD}' or '{NATIVE_IMAGE_FIELD}')"
+        )
+    elif payload is None and (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        raise RequestError(
+            "the request arrived empty: its Content-Type is application/x-www-form-urlencoded (what curl --data sends "
+            "by default), whose body TorchServe reads as NAME=VALUE form fields and drops otherwise; send JSON with "
+            "'Content-Type: application/json', or the image as the body (curl -T) or as the multipart field 'image'"
+        )
     elif payload is None:
         raise RequestError("the request is empty; send an image body, a multipart 'image' field or a JSON request")
     else:
