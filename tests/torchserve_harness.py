@@ -69,6 +69,9 @@ class TorchServe:
         config = config.replace("127.0.0.1:8082", f"127.0.0.1:{self.metrics_port}")
         config = config.replace("model_store=model_store", f"model_store={model_store}")
         config = config.replace("max_response_size=104857600", f"max_response_size={max_response_size}")
+        # TorchServe also binds gRPC ports (7070, 7071 by default): give them free ports too, so that test servers
+        # (and other TorchServes on this machine) do not stop each other.
+        config += f"\ngrpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
         (workdir / "config.properties").write_text(config)
         (workdir / "tmp").mkdir(exist_ok=True)
         self.log_path = workdir / "torchserve.log"
