@@ -9,7 +9,7 @@ from checkpoint_files import SWIN_T, random_swin_fork_state_dict, swin_fork_key_
 from torchserve_harness import REPO
 from vision_attribution.archives.build import BuildError, stage_archive
 from vision_attribution.class_names import COCO_CLASSES
-from vision_attribution.networks.swin import DEFAULT_CONFIG, merging_columns_to_mmdet3, read_swin_checkpoint
+from vision_attribution.networks.swin import DEFAULT_CONFIG, fork_to_mmdet3, merging_columns_to_mmdet3, read_swin_checkpoint
 
 SEED_FILE_NAME = "cascade_mask_rcnn_swin_tiny_patch4_window7.pth"  # the fork's released Swin-T weights
 
@@ -40,6 +40,17 @@ def test_fork_checkpoint_converts_to_every_mmdet3_key(fork_checkpoint):
     detector = load_cascade(cfg, state, torch.device("cpu"))  # strict: raises on any missing, unexpected or mis-shaped key
     loaded = detector.model.state_dict()
     assert torch.equal(loaded["backbone.stages.0.blocks.1.ffn.layers.1.weight"], state["backbone.stages.0.blocks.1.ffn.layers.1.weight"])
+
+
+def test_mmdet3_checkpoint_loads_as_it_is_with_its_class_names(fork_state, tmp_path):
+    """What mmengine's runner saves: {'meta': {'dataset_meta': {'classes': ...}}, 'state_dict': mmdet 3 names}."""
+    converted = fork_to_mmdet3(fork_state)
+    names = [f"part {index}" for index in range(80)]
+    checkpoint = tmp_path / "epoch_12.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": tuple(names)}, "epoch": 12}, "state_dict": converted}, checkpoint)
+    state, class_names = read_swin_checkpoint(checkpoint)
+    assert class_names == names and state.keys() == converted.keys()
+    assert all(torch.equal(state[key], converted[key]) for key in converted)
 
 
 def test_patch_merging_channels_are_reordered_as_the_fork_merges_them(fork_state):

@@ -74,7 +74,7 @@ class CascadeDetections:
     """Detections of one image, highest score first.
 
     pred_boxes (N, 4) float32 XYXY in original-image pixels; scores (N,) float32; pred_classes (N,) int64;
-    pred_masks (N, H0, W0) bool; locations (N, 13) float32: the three stages' RoIs (x1, y1, x2, y2) at network
+    pred_masks (N, H0, W0) bool; locations (N, 4 S + 1) float32: the S = 3 stages' RoIs (x1, y1, x2, y2) at network
     resolution, then the class.
     """
 
@@ -172,7 +172,7 @@ class CascadeMaskRCNN:
         )
 
     def instance_score(self, images: torch.Tensor, location: Sequence[float]) -> torch.Tensor:
-        """(B, 3, h, w) raw BGR -> (B,) the class score of the detection whose RoI chain is `location` (13 values),
+        """(B, 3, h, w) raw BGR -> (B,) the class score of the detection whose RoI chain is `location` (4 S + 1 values),
         through backbone, neck, RoIAlign and every stage's box head."""
         roi_head = self.model.roi_head
         chain = torch.as_tensor(location[:-1], dtype=torch.float32, device=images.device).view(roi_head.num_stages, 4)
