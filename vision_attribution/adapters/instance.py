@@ -1,7 +1,8 @@
 """Adapter for instance segmenters: detections with masks, instance-score targets, IDG per instance mask.
 
 The explained scalar for instance i is its class score with the detection fixed from the real input
-(same location, anchor and class), recomputed at every path point.
+(TensorMask: the same location, anchor and class; a cascade R-CNN: the same chain of RoIs and class), recomputed
+at every path point.
 """
 from typing import Callable, Protocol, Sequence
 

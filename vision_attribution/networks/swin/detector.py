@@ -107,10 +107,6 @@ class CascadeMaskRCNN:
         self.pixel_mean = (mean.flip(0) if preprocessor.get("bgr_to_rgb", False) else mean).view(3, 1, 1)
         self.num_classes = model.roi_head.bbox_head[-1].num_classes
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def network_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the config's test-time Resize gives an image of (height, width), as mmcv computes it."""
         if not self.keep_ratio:
