@@ -8,6 +8,9 @@
 #   ./archive.sh lanet --checkpoint top1.pt      LaNet checkpoint ({'model_state_dict': ...})
 #   ./archive.sh tensormask --checkpoint model_final.pth [--config tensormask_R_50_FPN_6x.yaml]
 #                                                detectron2 TensorMask checkpoint (pickle or torch.save)
+#   ./archive.sh swin --checkpoint cascade_mask_rcnn_swin_tiny_patch4_window7.pth [--config my_mmdet3_config.py]
+#                                                Swin-T Cascade Mask R-CNN: the seed fork's (mmdet 2.11)
+#                                                checkpoint, converted, or an mmdet 3 one
 #   ./archive.sh all                             every embedded default
 # Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml), --kserve-v2 (batchSize 1
 # for service_envelope=kservev2),
@@ -17,7 +20,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$root/.venv/bin/python"; [ -x "$python" ] || python=python3
-[ $# -ge 1 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 if [ "$1" = all ]; then
   shift
   for model in $("$python" -c 'from vision_attribution.archives import EMBEDDED_DEFAULTS; print(*EMBEDDED_DEFAULTS)'); do

@@ -76,3 +76,117 @@ def png16(array: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# The seed's Swin weights: Cascade Mask R-CNN Swin-T from Swin-Transformer-Object-Detection (mmdet 2.11), key names
+# as that fork's modules define them (backbones/swin_transformer.py, mmdet 2.11's FPN, RPNHead, ConvFCBBoxHead with
+# SyncBN, FCNMaskHead; a single mask_head dict is built once per cascade stage).
+SWIN_T = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7}
+
+
+def fork_relative_position_index(window: int) -> torch.Tensor:
+    """The fork's WindowAttention buffer: for tokens i, j of a window, (dy + w - 1) * (2w - 1) + (dx + w - 1)."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return (rows[:, None] - rows[None, :] + window - 1) * (2 * window - 1) + (cols[:, None] - cols[None, :] + window - 1)
+
+
+def swin_fork_key_shapes(num_classes: int = 80) -> dict[str, tuple]:
+    """Every state-dict key of the fork's cascade_mask_rcnn_swin_tiny_patch4_window7 model, with its shape."""
+    shapes: dict[str, tuple] = {}
+    embed, window = SWIN_T["embed_dim"], SWIN_T["window_size"]
+    shapes.update({"backbone.patch_embed.proj.weight": (embed, 3, 4, 4), "backbone.patch_embed.proj.bias": (embed,),
+                   "backbone.patch_embed.norm.weight": (embed,), "backbone.patch_embed.norm.bias": (embed,)})  # fmt: skip
+    for stage, (depth, heads) in enumerate(zip(SWIN_T["depths"], SWIN_T["num_heads"])):
+        dim = embed * 2**stage
+        for block in range(depth):
+            prefix = f"backbone.layers.{stage}.blocks.{block}."
+            shapes.update({
+                prefix + "norm1.weight": (dim,), prefix + "norm1.bias": (dim,),
+                prefix + "attn.relative_position_bias_table": ((2 * window - 1) ** 2, heads),
+                prefix + "attn.relative_position_index": (window**2, window**2),
+                prefix + "attn.qkv.weight": (3 * dim, dim), prefix + "attn.qkv.bias": (3 * dim,),
+                prefix + "attn.proj.weight": (dim, dim), prefix + "attn.proj.bias": (dim,),
+                prefix + "norm2.weight": (dim,), prefix + "norm2.bias": (dim,),
+                prefix + "mlp.fc1.weight": (4 * dim, dim), prefix + "mlp.fc1.bias": (4 * dim,),
+                prefix + "mlp.fc2.weight": (dim, 4 * dim), prefix + "mlp.fc2.bias": (dim,),
+            })  # fmt: skip
+        if stage < len(SWIN_T["depths"]) - 1:  # PatchMerging
+            shapes.update({f"backbone.layers.{stage}.downsample.reduction.weight": (2 * dim, 4 * dim),
+                           f"backbone.layers.{stage}.downsample.norm.weight": (4 * dim,),
+                           f"backbone.layers.{stage}.downsample.norm.bias": (4 * dim,)})  # fmt: skip
+    for stage in range(len(SWIN_T["depths"])):  # one output norm per out_indices entry
+        shapes.update({f"backbone.norm{stage}.weight": (embed * 2**stage,), f"backbone.norm{stage}.bias": (embed * 2**stage,)})
+    for level in range(4):
+        shapes.update({f"neck.lateral_convs.{level}.conv.weight": (256, embed * 2**level, 1, 1), f"neck.lateral_convs.{level}.conv.bias": (256,),
+                       f"neck.fpn_convs.{level}.conv.weight": (256, 256, 3, 3), f"neck.fpn_convs.{level}.conv.bias": (256,)})  # fmt: skip
+    shapes.update({"rpn_head.rpn_conv.weight": (256, 256, 3, 3), "rpn_head.rpn_conv.bias": (256,),
+                   "rpn_head.rpn_cls.weight": (3, 256, 1, 1), "rpn_head.rpn_cls.bias": (3,),
+                   "rpn_head.rpn_reg.weight": (12, 256, 1, 1), "rpn_head.rpn_reg.bias": (12,)})  # fmt: skip
+    for stage in range(3):
+        prefix = f"roi_head.bbox_head.{stage}."
+        for conv in range(4):  # ConvModule(conv without bias, SyncBN named "bn")
+            shapes[f"{prefix}shared_convs.{conv}.conv.weight"] = (256, 256, 3, 3)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{prefix}shared_convs.{conv}.bn.{name}"] = (256,)
+            shapes[f"{prefix}shared_convs.{conv}.bn.num_batches_tracked"] = ()
+        shapes.update({prefix + "shared_fcs.0.weight": (1024, 256 * 7 * 7), prefix + "shared_fcs.0.bias": (1024,),
+                       prefix + "fc_cls.weight": (num_classes + 1, 1024), prefix + "fc_cls.bias": (num_classes + 1,),
+                       prefix + "fc_reg.weight": (4 * num_classes, 1024), prefix + "fc_reg.bias": (4 * num_classes,)})  # fmt: skip
+        prefix = f"roi_head.mask_head.{stage}."
+        for conv in range(4):
+            shapes.update({f"{prefix}convs.{conv}.conv.weight": (256, 256, 3, 3), f"{prefix}convs.{conv}.conv.bias": (256,)})
+        shapes.update({prefix + "upsample.weight": (256, 256, 2, 2), prefix + "upsample.bias": (256,),
+                       prefix + "conv_logits.weight": (num_classes, 256, 1, 1), prefix + "conv_logits.bias": (num_classes,)})  # fmt: skip
+    return shapes
+
+
+SMALL_INIT_STD = {"rpn_head.rpn_cls.weight": 0.1, "rpn_head.rpn_reg.weight": 0.01, "fc_reg.weight": 0.001, "fc_cls.weight": 0.08}
+"""Output layers drawn narrower than N(0, 2/fan_in) (as mmdet initialises them), so that proposals and boxes stay
+near their anchors and the class scores of a detection spread around 0.5."""
+BACKGROUND_BIAS = 3.0
+
+
+def random_swin_fork_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The fork's state dict with random values of a trained network's scale: norms near 1, weights ~ N(0, 2/fan_in)
+    (output layers narrower), the real relative-position index, class biases ~ N(0, 1) and the background's 3."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=generator) * std + mean
+
+    state = {}
+    for key, shape in swin_fork_key_shapes().items():
+        small_std = next((std for suffix, std in SMALL_INIT_STD.items() if key.endswith(suffix)), None)
+        if key.endswith("relative_position_index"):
+            value = fork_relative_position_index(SWIN_T["window_size"])
+        elif key.endswith("num_batches_tracked"):
+            value = torch.tensor(0, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            value = 1.0 + normal(shape, 0.1).abs()
+        elif "norm" in key.split(".")[-2] or key.split(".")[-2] == "bn":
+            value = normal(shape, 0.05, 1.0 if key.endswith("weight") else 0.0)
+        elif key.endswith("relative_position_bias_table"):
+            value = normal(shape, 0.02)
+        elif key.endswith("fc_cls.bias"):
+            value = torch.cat([normal((shape[0] - 1,), 1.0), torch.tensor([BACKGROUND_BIAS])])
+        elif key.endswith("bias") or key.endswith("running_mean"):
+            value = normal(shape, 0.02)
+        elif small_std is not None:
+            value = normal(shape, small_std)
+        else:
+            value = normal(shape, (2.0 / int(np.prod(shape[1:]))) ** 0.5)
+        state[key] = value
+    return state
+
+
+def write_swin_fork_checkpoint(path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """As the fork's mmcv 1.x runner saves epoch_36.pth: {'meta': {...}, 'state_dict': OrderedDict}."""
+    from collections import OrderedDict
+
+    from vision_attribution.class_names import COCO_CLASSES
+
+    meta = {"mmdet_version": "2.11.0", "mmcv_version": "1.3.1", "CLASSES": tuple(COCO_CLASSES), "epoch": 36, "iter": 131256,
+            "config": "model = dict(type='CascadeRCNN', ...)", "time": "Tue May 11 12:00:00 2021"}  # fmt: skip
+    torch.save({"meta": meta, "state_dict": OrderedDict(state if state is not None else random_swin_fork_state_dict())}, path)
+    return path

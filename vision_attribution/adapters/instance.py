@@ -1,9 +1,10 @@
 """Adapter for instance segmenters: detections with masks, instance-score targets, IDG per instance mask.
 
 The explained scalar for instance i is its class score with the detection fixed from the real input
-(same location, anchor and class), recomputed at every path point.
+(TensorMask: the same location, anchor and class; a cascade R-CNN: the same chain of RoIs and class), recomputed
+at every path point.
 """
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,23 +22,40 @@ class InstanceDetector(Protocol):
     pixel_mean: torch.Tensor  # (3, 1, 1): the image that normalises to zero
 
     def detect(self, image: torch.Tensor, original_size: tuple[int, int], score_threshold: float):
-        """(3, h, w) -> detections with pred_boxes (N, 4), scores (N,), pred_classes (N,), pred_masks (N, H0, W0), locations (N, L)."""
+        """(3, h, w) -> detections, highest score first, with pred_boxes (N, 4), scores (N,), pred_classes (N,),
+        pred_masks (N, H0, W0), locations (N, L): what instance_score needs to recompute each detection's score."""
 
-    def instance_score(self, images: torch.Tensor, location: Sequence[int]) -> torch.Tensor:
-        """(B, 3, h, w) -> (B,) score of the detection at `location`."""
+    def instance_score(self, images: torch.Tensor, location: Sequence[float]) -> torch.Tensor:
+        """(B, 3, h, w) -> (B,) score of the detection at `location` (a row of detect's locations, as a list)."""
+
+
+def pillow_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 resized to size = (h, w) with Pillow's bilinear filter."""
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
 class InstanceSegmenterAdapter:
-    """Serves an InstanceDetector; `resize(h0, w0) -> (h, w)` gives the network resolution of an image."""
+    """Serves an InstanceDetector; `resize(h0, w0) -> (h, w)` gives the network resolution of an image and
+    `rescale(image, (h, w))` resizes its pixels there (the detector's own test-time resize; Pillow bilinear by default)."""
 
     seed_explanation_keys = None
     prediction_types = ("gzip", "npz", "png", "json")
     options = ("n_steps", "method", "baseline", "internal_batch_size", "return_path", "threshold", "instance", "native_resolution")
 
-    def __init__(self, detector: InstanceDetector, class_names: Sequence[str], resize, seed_layout: PixelLayout, device: torch.device, bgr: bool = True):
+    def __init__(
+        self,
+        detector: InstanceDetector,
+        class_names: Sequence[str],
+        resize: Callable[[int, int], tuple[int, int]],
+        seed_layout: PixelLayout,
+        device: torch.device,
+        bgr: bool = True,
+        rescale: Callable[[np.ndarray, tuple[int, int]], np.ndarray] = pillow_bilinear,
+    ):
         self.detector = detector
         self.class_names = list(class_names)
         self.resize = resize
+        self.rescale = rescale
         self.seed_layout = seed_layout
         self.device = device
         self.bgr = bgr
@@ -50,7 +68,7 @@ class InstanceSegmenterAdapter:
             size = self.resize(height, width)
             if min(size) < 1:
                 raise RequestError(f"a {width}x{height} image cannot be resized for this model; send a less elongated image")
-            network_image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+            network_image = self.rescale(image, size)
         pixels = torch.from_numpy(np.array(network_image[..., ::-1] if self.bgr else network_image)).to(self.device)
         return ModelInput(tensor=pixels.permute(2, 0, 1)[None].float(), image=image, region=(0.0, 0.0, float(width), float(height)))
 
