@@ -8,15 +8,18 @@
 #   ./archive.sh lanet --checkpoint top1.pt      LaNet checkpoint ({'model_state_dict': ...})
 #   ./archive.sh tensormask --checkpoint model_final.pth [--config tensormask_R_50_FPN_6x.yaml]
 #                                                detectron2 TensorMask checkpoint (pickle or torch.save)
+#   ./archive.sh deeplab --model-type mobile|full --checkpoint X.pth [--image-size 513]
+#                                                torchvision DeepLabV3 VOC weights (COCO_WITH_VOC_LABELS_V1)
 #   ./archive.sh all                             every embedded default
 # Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml),
-# --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only).
+# --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only),
+# --SETTING VALUE (an archive's model: setting, e.g. --model-type full; ./archive.sh --help lists them).
 # Checkpoints may have any file name. The model-config and the checkpoint are validated and loaded
 # before anything is written: a problem is reported with its cause and exit status 2.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$root/.venv/bin/python"; [ -x "$python" ] || python=python3
-[ $# -ge 1 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 if [ "$1" = all ]; then
   shift
   for model in $("$python" -c 'from vision_attribution.archives import EMBEDDED_DEFAULTS; print(*EMBEDDED_DEFAULTS)'); do

@@ -76,3 +76,27 @@ def png16(array: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+DEEPLAB_FILE_NAMES = {"mobile": "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "full": "deeplabv3_resnet101_coco-586e9e4e.pth"}
+"""The names of torchvision's COCO_WITH_VOC_LABELS_V1 weight files, as a user downloads them."""
+
+
+def deeplab_torchvision(model_type: str, aux_classifier: bool = True) -> torch.nn.Module:
+    """torchvision's own DeepLabV3 (random weights, nothing downloaded), with the auxiliary classifier as in the
+    published files; the last classifier layer's weights are widened so that the predicted class varies over an image."""
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet101
+
+    torch.manual_seed(0)
+    constructor = {"mobile": deeplabv3_mobilenet_v3_large, "full": deeplabv3_resnet101}[model_type]
+    model = constructor(weights=None, weights_backbone=None, num_classes=21, aux_loss=aux_classifier)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.classifier[-1].weight, std=2.0)
+    return model.eval()
+
+
+def write_deeplab_checkpoint(directory: Path, model_type: str, aux_classifier: bool = True) -> Path:
+    """A bare state dict under torchvision's file name, as torchvision publishes COCO_WITH_VOC_LABELS_V1."""
+    path = directory / DEEPLAB_FILE_NAMES[model_type]
+    torch.save(deeplab_torchvision(model_type, aux_classifier).state_dict(), path)
+    return path

@@ -58,7 +58,7 @@ class TorchServe:
     """One TorchServe process group serving the archives in `model_store`, with token auth on.
     As a context manager it waits until every worker is READY and stops the server on exit."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: list[str], max_response_size: int = 104857600):
+    def __init__(self, workdir: Path, model_store: Path, models: list[str], max_response_size: int = 104857600, extra_config: str = ""):
         self.workdir, self.models = workdir, models
         self.inference_port, self.management_port, self.metrics_port = free_port(), free_port(), free_port()
         self.inference = f"http://127.0.0.1:{self.inference_port}"
@@ -69,14 +69,17 @@ class TorchServe:
         config = config.replace("127.0.0.1:8082", f"127.0.0.1:{self.metrics_port}")
         config = config.replace("model_store=model_store", f"model_store={model_store}")
         config = config.replace("max_response_size=104857600", f"max_response_size={max_response_size}")
-        (workdir / "config.properties").write_text(config)
+        # TorchServe also binds gRPC ports (7070, 7071 by default): give them free ports too, so that test servers
+        # (and other TorchServes on this machine) do not stop each other.
+        config += f"\ngrpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
+        (workdir / "config.properties").write_text(config + extra_config)
         (workdir / "tmp").mkdir(exist_ok=True)
         self.log_path = workdir / "torchserve.log"
         env = dict(os.environ, TMPDIR=str(workdir / "tmp"), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         self.process = subprocess.Popen(
             [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / "config.properties"),
-             "--model-store", str(model_store), "--models", *[f"{m}={m}.mar" for m in models]],
+             "--model-store", str(model_store), *(["--models", *[f"{m}={m}.mar" for m in models]] if models else [])],
             cwd=workdir, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.keys = None

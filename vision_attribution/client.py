@@ -3,6 +3,7 @@
   vision-attribution prepare IMAGE [CLASS] OUT.json [--layout hwc-rgb|chw-bgr|hwc-bgr]
   vision-attribution send URL INPUT OUT [--token-file key_file.json] [--field n_steps=20 ...] [--accept TYPE]
   vision-attribution render REPLY IMAGE OUT.png
+  vision-attribution gateway --torchserve URL --key-file key_file.json [--port 5000] [--seed bit=8888 ...]
 """
 import argparse
 import gzip
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import torch
 
 from .decode import decode_image_bytes
-from .render import save_render
+from .gateway import server as gateway_server
 
 LAYOUTS = {"hwc-rgb": (False, False), "hwc-bgr": (False, True), "chw-bgr": (True, True)}
 
@@ -63,6 +63,8 @@ def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict,
 
 def load_reply(path: Path) -> dict:
     """Read a saved reply: gzip(torch.save(dict)), .npz or JSON."""
+    import torch  # here, not at the top: the gateway command runs without torch
+
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         with gzip.open(io.BytesIO(raw)) as stream:
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     r.add_argument("reply", type=Path)
     r.add_argument("image", type=Path)
     r.add_argument("out", type=Path)
+    g = commands.add_parser("gateway", help="serve the seeds' own HTTP APIs (MAX Image Segmenter, the Flask seeds' POST /model/) in front of TorchServe")
+    gateway_server.add_arguments(g)
     args = parser.parse_args(argv)
 
     if args.command == "prepare":
@@ -117,6 +121,10 @@ def main(argv=None) -> int:
     if args.command == "send":
         status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout)
         return 0 if status == 200 else 1
+    if args.command == "gateway":
+        return gateway_server.run(args)
+    from .render import save_render
+
     reply = load_reply(args.reply)
     target = reply.get("target", {})
     title = f"target: {target.get('name', '')}" if isinstance(target, dict) else ""

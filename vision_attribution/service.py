@@ -16,6 +16,7 @@ from .engine import integrate_path
 from .errors import RequestError
 from .formats import replies
 from .formats.requests import ParsedRequest, parse_request
+from .formats.seed_apis import max_prediction
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class AttributionService:
             try:
                 if item.reply_type == "png":
                     body = encode_png(self.adapter.prediction_png(output))
+                elif item.reply_type == "max":
+                    body = encode_json(max_prediction(output))
                 else:
                     body = ENCODERS[item.reply_type](output)
                 hint = "ask for image/png or application/gzip" if item.reply_type != "gzip" else "send a smaller image"

@@ -12,6 +12,7 @@ import torch
 from ..adapters.base import ExplanationPlan, ModelInput
 from ..engine import PathIntegral
 from ..errors import RequestError
+from .seed_apis import MAX_PREDICTION_TYPE
 
 REPLY_TYPES = {
     "application/gzip": "gzip",
@@ -20,8 +21,9 @@ REPLY_TYPES = {
     "application/npz": "npz",
     "application/json": "json",
     "image/png": "png",
+    MAX_PREDICTION_TYPE: "max",
 }
-CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png"}
+CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png", "max": "application/json"}
 EXPLANATION_TYPES = ("gzip", "npz", "json")
 
 SEED_CLASSIFIER_EXPLANATION_KEYS = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")

@@ -40,6 +40,7 @@ def option_checks(limits: Limits) -> dict[str, values.Check]:
         "instance": values.integer(0),
         "idg_grid": values.integer(1, 32),
         "native_resolution": values.boolean,
+        "image_size": values.integer(16, 1024),
     }
 
 
