@@ -82,16 +82,24 @@ DEEPLAB_FILE_NAMES = {"mobile": "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "fu
 """The names of torchvision's COCO_WITH_VOC_LABELS_V1 weight files, as a user downloads them."""
 
 
-def deeplab_torchvision(model_type: str, aux_classifier: bool = True) -> torch.nn.Module:
+def deeplab_torchvision(model_type: str, aux_classifier: bool = True, calibrate: bool = True) -> torch.nn.Module:
     """torchvision's own DeepLabV3 (random weights, nothing downloaded), with the auxiliary classifier as in the
-    published files; the last classifier layer's weights are widened so that the predicted class varies over an image."""
+    published files. At initialisation the BatchNorm statistics shrink the features to ~1e-10, so that every pixel
+    gets the same class: `calibrate` sets them from two photos (a training-mode pass), and the predicted class then
+    varies over an image as with trained weights."""
+    from skimage import data as photos
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet101
 
     torch.manual_seed(0)
     constructor = {"mobile": deeplabv3_mobilenet_v3_large, "full": deeplabv3_resnet101}[model_type]
     model = constructor(weights=None, weights_backbone=None, num_classes=21, aux_loss=aux_classifier)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.classifier[-1].weight, std=2.0)
+    if calibrate:
+        batch = torch.stack([torch.from_numpy(photo[:256, :256].copy()).permute(2, 0, 1).float() / 255 for photo in (photos.coffee(), photos.chelsea())])
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # a plain average of the batches seen
+        with torch.no_grad():
+            model.train()((batch - 0.45) / 0.225)
     return model.eval()
 
 

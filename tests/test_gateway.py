@@ -36,6 +36,7 @@ SEED_CURL = 'curl http://localhost:8888/model/ --data @input_json_file.json --ou
 """The query line of the Flask seeds' READMEs (seeds 000-002), verbatim."""
 SMALL_TENSORMASK_YAML = '_BASE_: "Base-TensorMask.yaml"\nINPUT:\n  MIN_SIZE_TEST: 96\n  MAX_SIZE_TEST: 160\n'
 UPLOAD_LIMIT_MB = 16
+SEED_STEPS = 16
 
 
 class Gateway:
@@ -100,6 +101,8 @@ def stack(tmp_path_factory):
     for name, (checkpoint, options) in archives.items():
         config = shipped_model_config(name)
         config.update(minWorkers=1, maxWorkers=1)
+        if name in ("bit", "lanet"):  # the seed's 50 steps, cut to keep the suite short on 2 cores
+            config["attribution"]["n_steps"] = SEED_STEPS
         build_archive(name, store, config, checkpoint, options)
     with TorchServe(workdir, store, list(archives)) as torchserve:
         seeds = {"bit": free_port(), "lanet": free_port(), "tensormask": free_port()}
@@ -124,7 +127,7 @@ def max_reference(image_bytes: bytes, checkpoint: Path, image_size: int = 513) -
     width, height = image.size
     resize_ratio = 1.0 * image_size / max(width, height)
     resized = image.convert("RGB").resize((int(resize_ratio * width), int(resize_ratio * height)), Image.LANCZOS)
-    model = deeplab_torchvision("mobile")
+    model = deeplab_torchvision("mobile", calibrate=False)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     pixels = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255
     normalised = (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -160,7 +163,7 @@ def test_max_labels(stack):
     labels = reply.json()
     assert len(labels) == 21
     assert labels[3]["id"] == 3 and labels[3]["name"] == "bird"
-    assert [label["name"] for label in labels][::5] == ["background", "bus", "diningtable", "person", "tv"]
+    assert [label["name"] for label in labels][::5] == ["background", "bottle", "cow", "person", "tv"]
 
 
 @pytest.mark.parametrize("kind", ["jpg", "png"])
@@ -258,7 +261,7 @@ def test_deeplab_explanation_idg_per_predicted_class(stack):
 )
 def test_seed_curl_line_through_the_gateway(stack, tmp_path, seed, prepare, api):
     """The README's line, run as written with only the host and port changed and no token; the saved reply
-    is byte for byte what TorchServe itself answers the same body with its token."""
+    is what TorchServe itself answers the same body with its token, byte for byte but the gzip header's time."""
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg_bytes(photos.chelsea(), (60, 40)))
     subprocess.run([str(BIN / "vision-attribution"), "prepare", str(photo), *prepare], cwd=tmp_path, check=True)  # as prepare_input.py
@@ -269,10 +272,10 @@ def test_seed_curl_line_through_the_gateway(stack, tmp_path, seed, prepare, api)
         reply = torch.load(io.BytesIO(fobj.read()))
     direct = stack.torchserve.post(f"/{api}/{seed}", data=(tmp_path / "input_json_file.json").read_bytes(), headers=SEED_JSON)
     assert direct.status_code == 200, direct.text
-    assert saved == direct.content
+    assert gzip.decompress(saved) == gzip.decompress(direct.content)
     if api == "explanations":
         assert sorted(reply) == sorted(["integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class"])
-        assert reply["integrated_directional_grads"].shape == (50, 3, 32, 32) and reply["target_class"] == 3
+        assert reply["integrated_directional_grads"].shape == (SEED_STEPS, 3, 32, 32) and reply["target_class"] == 3
     else:
         assert reply["pred_masks"].dtype == torch.bool and reply["pred_masks"].shape[1:] == (40, 60)
 
@@ -348,16 +351,19 @@ def test_expiring_key_is_renewed_and_a_stopped_torchserve_is_503(tmp_path):
             assert json.loads((tmp_path / "key_file.json").read_text())["inference"]["key"] != first_key
             torchserve.stop()
             reply = requests.post(f"{gateway.url}/model/predict", files={"image": photo_bytes()}, timeout=60)
-            assert reply.status_code == 503 and f"TorchServe at {torchserve.inference} is not reachable" in reply.json()["error"]
+            assert reply.status_code == 503 and "is not reachable" in reply.json()["error"]  # the key's renewal or the request
         finally:
             gateway.stop()
 
 
-def test_refused_key_is_503_with_the_reason(stack, tmp_path):
+def test_refused_key_no_key_and_no_torchserve_are_503_with_the_reason(stack, tmp_path):
     wrong = tmp_path / "key_file.json"
     wrong.write_text(json.dumps({"inference": {"key": "wrong", "expiration time": "2999-01-01T00:00:00Z"}}))
     reply = asyncio.run(_predict_through(TorchServeClient(stack.torchserve.inference, InferenceKey(wrong, None), timeout=30)))
     assert reply.status_code == 503 and "TorchServe refused the gateway's inference key" in reply.json()["error"]
+    closed = f"http://127.0.0.1:{free_port()}"
+    reply = asyncio.run(_predict_through(TorchServeClient(closed, InferenceKey(wrong, None), timeout=30)))
+    assert reply.status_code == 503 and f"TorchServe at {closed} is not reachable" in reply.json()["error"]
     reply = asyncio.run(_predict_through(TorchServeClient(stack.torchserve.inference, InferenceKey(tmp_path / "missing.json", None), timeout=30)))
     assert reply.status_code == 503 and "cannot read TorchServe's key file" in reply.json()["error"]
 
@@ -389,7 +395,7 @@ def test_api_description_matches_the_routes(stack, port_of, tmp_path):
     url = stack.gateway.url if port_of == "max" else stack.gateway.seed_url(port_of)
     command = [
         str(BIN / "schemathesis"), "run", f"{url}/swagger.json", "--checks", "all",
-        "--exclude-checks", "positive_data_acceptance,negative_data_rejection", "--max-examples", "12",
+        "--exclude-checks", "positive_data_acceptance,negative_data_rejection", "--max-examples", "10", "--max-response-time", "300",
         "--phases", "examples,coverage,fuzzing", "--request-timeout", "120", "--workers", "1", "--seed", "1", "--no-shrink",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -415,8 +421,8 @@ def test_swagger_ui_renders_in_chromium(stack, tmp_path):
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=15000", "--window-size=1200,900",
     ]  # fmt: skip
     dom = subprocess.run(["chromium", *flags, "--dump-dom", f"{stack.gateway.url}/"], capture_output=True, text=True, timeout=120)
-    for text in ("MAX Image Segmenter", "/model/predict", "/model/metadata", "/model/labels"):
-        assert text in dom.stdout, dom.stderr[-3000:]
+    for text in ("MAX Image Segmenter", 'data-path="/model/predict"', 'data-path="/model/metadata"', 'data-path="/model/labels"'):
+        assert text in dom.stdout, dom.stdout[-3000:]
     screenshot = tmp_path / "swagger.png"
     subprocess.run(["chromium", *flags, f"--screenshot={screenshot}", f"{stack.gateway.url}/"], capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(screenshot).convert("L"))

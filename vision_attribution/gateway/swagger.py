@@ -161,7 +161,7 @@ def ui_page(title: str) -> str:
   <div id="swagger-ui"></div>
   <script src="swagger-ui/swagger-ui-bundle.js" charset="UTF-8"></script>
   <script>
-    window.ui = SwaggerUIBundle({{url: "swagger.json", dom_id: "#swagger-ui", validatorUrl: null, docExpansion: "none", deepLinking: true}});
+    window.ui = SwaggerUIBundle({{url: "swagger.json", dom_id: "#swagger-ui", validatorUrl: null, docExpansion: "list", deepLinking: true}});
   </script>
 </body>
 </html>
