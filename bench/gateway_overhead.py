@@ -10,7 +10,7 @@
     (deeplabv3_mobilenet_v3_large) and full (deeplabv3_resnet101), the service's whole request (decode, resize,
     forward, masks, MAX reply), torchvision's architecture with random weights (the speed does not depend on them).
 
-    .venv/bin/python bench/gateway_overhead.py [--requests 30] [--rounds 5]
+    .venv/bin/python bench/gateway_overhead.py [--requests 30] [--seed-requests 8] [--rounds 5]
 """
 import argparse
 import json
@@ -61,7 +61,7 @@ def start_gateway(workdir: Path, torchserve: TorchServe, bit_port: int) -> tuple
     raise RuntimeError((workdir / "gateway.log").read_text())
 
 
-def overhead(requests_per_route: int) -> None:
+def overhead(requests_per_route: int, seed_requests: int) -> None:
     photo = jpeg_bytes(photos.coffee())
     seed_body = json.dumps({"img_data": np.asarray(Image.fromarray(photos.chelsea()).resize((60, 40))).tolist(), "target_class": "cat"}).encode()
     seed_headers = {"Content-Type": "application/json; chartset=utf-8"}
@@ -103,12 +103,13 @@ def overhead(requests_per_route: int) -> None:
                 }
                 rows = []
                 for route, (via_gateway, straight) in routes.items():
-                    times = interleaved_times({"gateway": via_gateway, "direct": straight}, requests_per_route)
+                    count = seed_requests if route.startswith("bit") else requests_per_route
+                    times = interleaved_times({"gateway": via_gateway, "direct": straight}, count)
                     p50 = {name: percentile(values, 50) for name, values in times.items()}
                     p99 = {name: percentile(values, 99) for name, values in times.items()}
-                    rows.append([route, f"{p50['direct'] * 1e3:.1f}", f"{p50['gateway'] * 1e3:.1f}", f"{p50['gateway'] / p50['direct']:.3f}",
+                    rows.append([f"{route} (n={count})", f"{p50['direct'] * 1e3:.1f}", f"{p50['gateway'] * 1e3:.1f}", f"{p50['gateway'] / p50['direct']:.3f}",
                                  f"{p99['direct'] * 1e3:.1f}", f"{p99['gateway'] * 1e3:.1f}", f"{p99['gateway'] / p99['direct']:.3f}"])  # fmt: skip
-                print(f"(a) latency, {requests_per_route} requests per route and path, interleaved (ms)")
+                print("(a) latency, n requests per route through each path, interleaved (ms)", flush=True)
                 print_table(["route", "p50 direct", "p50 gateway", "ratio", "p99 direct", "p99 gateway", "ratio"], rows)
             finally:
                 os.killpg(gateway.pid, signal.SIGTERM)
@@ -133,12 +134,14 @@ def deeplab_latency(rounds: int) -> None:
         rows.append([model_type, f"{median(times):.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
     print(f"(b) deeplab prediction on the CPU ({torch.get_num_threads()} threads), 600x400 JPEG -> 513x342, {rounds} rounds (s)")
     print_table(["model_type", "median", "min", "max"], rows)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=30, help="requests per MAX route and path")
+    parser.add_argument("--seed-requests", type=int, default=8, help="requests per path of the bit seed route (each a 50-step explanation)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    overhead(args.requests)
+    overhead(args.requests, args.seed_requests)
     deeplab_latency(args.rounds)

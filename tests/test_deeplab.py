@@ -3,7 +3,6 @@ its refusals, MAX's IMAGE_SIZE and its fallback, MAX's resize arithmetic."""
 import contextlib
 import io
 import json
-import logging
 import subprocess
 import zipfile
 

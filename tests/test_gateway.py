@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from checkpoint_files import DEEPLAB_FILE_NAMES, deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint, write_tensormask_checkpoint
+from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint, write_tensormask_checkpoint
 from test_serving_classifiers import SEED_JSON, seed_client_read
 from test_tensormask_model import BASE_TENSORMASK_YAML
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config
