@@ -11,10 +11,15 @@
 #   ./archive.sh swin --checkpoint cascade_mask_rcnn_swin_tiny_patch4_window7.pth [--config my_mmdet3_config.py]
 #                                                Swin-T Cascade Mask R-CNN: the seed fork's (mmdet 2.11)
 #                                                checkpoint, converted, or an mmdet 3 one
+#   ./archive.sh dextr --checkpoint dextr_pascalvoc_resunet101-a2d81727.pth --trust-checkpoint
+#                                                DEXTR: the published pickled DextrModel, a state dict, or dextr-train's
+#   ./archive.sh deeplab --model-type mobile|full --checkpoint X.pth [--image-size 513]
+#                                                torchvision DeepLabV3 VOC weights (COCO_WITH_VOC_LABELS_V1)
 #   ./archive.sh all                             every embedded default
-# Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml), --kserve-v2 (batchSize 1
-# for service_envelope=kservev2),
-# --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only).
+# Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml),
+# --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only),
+# --kserve-v2 (batchSize 1, for service_envelope=kservev2),
+# --SETTING VALUE (an archive's model: setting, e.g. --model-type full; ./archive.sh --help lists them).
 # Checkpoints may have any file name. The model-config and the checkpoint are validated and loaded
 # before anything is written: a problem is reported with its cause and exit status 2.
 set -euo pipefail

@@ -189,4 +189,35 @@ def write_swin_fork_checkpoint(path: Path, state: dict[str, torch.Tensor] | None
     meta = {"mmdet_version": "2.11.0", "mmcv_version": "1.3.1", "CLASSES": tuple(COCO_CLASSES), "epoch": 36, "iter": 131256,
             "config": "model = dict(type='CascadeRCNN', ...)", "time": "Tue May 11 12:00:00 2021"}  # fmt: skip
     torch.save({"meta": meta, "state_dict": OrderedDict(state if state is not None else random_swin_fork_state_dict())}, path)
+
+
+DEEPLAB_FILE_NAMES = {"mobile": "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "full": "deeplabv3_resnet101_coco-586e9e4e.pth"}
+"""The names of torchvision's COCO_WITH_VOC_LABELS_V1 weight files, as a user downloads them."""
+
+
+def deeplab_torchvision(model_type: str, aux_classifier: bool = True, calibrate: bool = True) -> torch.nn.Module:
+    """torchvision's own DeepLabV3 (random weights, nothing downloaded), with the auxiliary classifier as in the
+    published files. At initialisation the BatchNorm statistics shrink the features to ~1e-10, so that every pixel
+    gets the same class: `calibrate` sets them from two photos (a training-mode pass), and the predicted class then
+    varies over an image as with trained weights."""
+    from skimage import data as photos
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet101
+
+    torch.manual_seed(0)
+    constructor = {"mobile": deeplabv3_mobilenet_v3_large, "full": deeplabv3_resnet101}[model_type]
+    model = constructor(weights=None, weights_backbone=None, num_classes=21, aux_loss=aux_classifier)
+    if calibrate:
+        batch = torch.stack([torch.from_numpy(photo[:256, :256].copy()).permute(2, 0, 1).float() / 255 for photo in (photos.coffee(), photos.chelsea())])
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # a plain average of the batches seen
+        with torch.no_grad():
+            model.train()((batch - 0.45) / 0.225)
+    return model.eval()
+
+
+def write_deeplab_checkpoint(directory: Path, model_type: str, aux_classifier: bool = True) -> Path:
+    """A bare state dict under torchvision's file name, as torchvision publishes COCO_WITH_VOC_LABELS_V1."""
+    path = directory / DEEPLAB_FILE_NAMES[model_type]
+    torch.save(deeplab_torchvision(model_type, aux_classifier).state_dict(), path)
     return path

@@ -22,3 +22,10 @@ def imagenet_classes() -> list[str]:
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tv",
+)
+"""The 21 PASCAL VOC segmentation classes in the models' output order, named as MAX Image Segmenter's
+/model/labels names them (torchvision's weight metadata says "__background__" and "tvmonitor")."""

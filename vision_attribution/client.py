@@ -6,6 +6,7 @@
   vision-attribution dextr-redis --redis_in IN --redis_out OUT ...     the DEXTR seed's Redis mode
   vision-attribution dextr-poll --prediction_in IN --prediction_out OUT ...   its folder-poll mode
   vision-attribution dextr-train --images DIR --masks DIR --out DIR ...       its training (dextr_train)
+  vision-attribution gateway --torchserve URL --key-file key_file.json [--port 5000] [--seed bit=8888 ...]
 """
 import argparse
 import gzip
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import torch
 
 from .decode import decode_image_bytes
-from .render import save_render
+from .gateway import server as gateway_server
 
 DEXTR_COMMANDS = (
     ("dextr-redis", "vision_attribution.bridges.redis_channel", "the DEXTR seed's Redis mode, in front of TorchServe"),
@@ -95,6 +95,8 @@ def send(url: str, input_path: Path, out: Path, token: str | None, fields: dict,
 
 def load_reply(path: Path) -> dict:
     """Read a saved reply: gzip(torch.save(dict)), .npz or JSON."""
+    import torch  # here, not at the top: the gateway command runs without torch
+
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         with gzip.open(io.BytesIO(raw)) as stream:
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
         module = importlib.import_module(module_name)
         command = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
+    g = commands.add_parser("gateway", help="serve the seeds' own HTTP APIs (MAX Image Segmenter, the Flask seeds' POST /model/) in front of TorchServe")
+    gateway_server.add_arguments(g)
     args = parser.parse_args(argv)
 
     if args.command == "prepare":
@@ -157,6 +161,10 @@ def main(argv=None) -> int:
     if args.command == "send":
         status = send(args.url, args.input, args.out, read_token(args.token_file), dict(args.field), args.accept, args.timeout, args.retries)
         return 0 if status == 200 else 1
+    if args.command == "gateway":
+        return gateway_server.run(args)
+    from .render import save_render
+
     reply = load_reply(args.reply)
     target = reply.get("target", {})
     title = f"target: {target.get('name', '')}" if isinstance(target, dict) else ""

@@ -16,6 +16,7 @@ from .engine import integrate_path
 from .errors import RequestError
 from .formats import kserve_v2, replies
 from .formats.requests import ParsedRequest, parse_request
+from .formats.seed_apis import max_prediction
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class AttributionService:
         for item, output in zip(items, outputs):
             try:
                 body = self._encode_prediction(output, item.reply_type)
-                hint = "ask for image/png or application/gzip" if item.reply_type in ("npz", "json") else "send a smaller image"
+                hint = "ask for image/png or application/gzip" if item.reply_type in ("npz", "json", "max") else "send a smaller image"
                 answers[item.position] = Reply(replies.check_reply_size(body, self.settings.max_response_bytes, hint), replies.CONTENT_TYPES[item.reply_type])
             except Exception as error:  # noqa: BLE001
                 answers[item.position] = self._failure(error, item.request)
@@ -123,6 +124,8 @@ class AttributionService:
     def _encode_prediction(self, prediction: dict, reply_type: str) -> bytes:
         if reply_type == "png":
             return encode_png(self.adapter.prediction_png(prediction))
+        if reply_type == "max":
+            return encode_json(max_prediction(prediction))
         document_of = getattr(self.adapter, "prediction_document", None)
         return ENCODERS[reply_type](document_of(prediction, reply_type) if document_of else prediction)
 

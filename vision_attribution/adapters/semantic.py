@@ -49,8 +49,16 @@ class SemanticSegmenterAdapter(FixedSizeInput):
 
     @torch.no_grad()
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
-        logits = self.logits_of(torch.cat([item.tensor for item in inputs])).float()
-        return [self._prediction(row[None], item, opts) for row, item, opts in zip(logits, inputs, options)]
+        """One forward pass per group of equally sized inputs (sizes differ where the aspect ratio is kept)."""
+        groups: dict[tuple, list[int]] = {}
+        for position, item in enumerate(inputs):
+            groups.setdefault(tuple(item.tensor.shape), []).append(position)
+        predictions: list = [None] * len(inputs)
+        for positions in groups.values():
+            logits = self.logits_of(torch.cat([inputs[position].tensor for position in positions])).float()
+            for row, position in zip(logits, positions):
+                predictions[position] = self._prediction(row[None], inputs[position], options[position])
+        return predictions
 
     def _prediction(self, logits: torch.Tensor, model_input: ModelInput, options: dict) -> dict:
         """Masks at the original resolution for every foreground class present, largest first."""

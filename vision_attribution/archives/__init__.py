@@ -24,7 +24,7 @@ import torch
 from ..service import AttributionService
 from ..settings import read_model_config
 
-ARCHIVES = ("effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr")
+ARCHIVES = ("effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr", "deeplab")
 EMBEDDED_DEFAULTS = ("effnet", "selfie")
 """Archives with real weights that need no user checkpoint: `archive.sh all` builds these."""
 WEIGHTS_FILE = "weights.pt"

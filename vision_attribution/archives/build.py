@@ -1,7 +1,7 @@
 """Build a TorchServe model archive (.mar): validate, convert and load everything first, then package.
 
     python -m vision_attribution.archives.build NAME --handler FILE --configs DIR [--checkpoint FILE]
-        [--config FILE] [--model-config FILE] [--out DIR] [--name NAME] [--trust-checkpoint]
+        [--config FILE] [--model-config FILE] [--out DIR] [--name NAME] [--trust-checkpoint] [--SETTING VALUE ...]
 
 (archive.sh passes --handler and --configs.) The model-config is validated, the checkpoint (any file name)
 is read, converted to a plain state dict and loaded strictly, and the staged archive is loaded once the way a
@@ -66,9 +66,32 @@ def stage_archive(name: str, workdir: Path, model_config: dict, checkpoint: Path
     return [manifest, *extra_files]
 
 
+def setting_options() -> dict[str, str]:
+    """Every archive's `model:` settings as command-line options: {setting key: --option-name}."""
+    keys = sorted({key for name in ARCHIVES for key in archive_module(name).MODEL_SETTINGS})
+    return {key: "--" + key.replace("_", "-") for key in keys}
+
+
+def with_command_line_settings(name: str, model_config: dict, given: dict) -> dict:
+    """The model-config with the `model:` settings given on the command line (YAML scalars) in place."""
+    if not given:
+        return model_config
+    known = archive_module(name).MODEL_SETTINGS
+    foreign = sorted(setting_options()[key] for key in given if key not in known)
+    if foreign:
+        allowed = ", ".join(setting_options()[key] for key in known) or "none"
+        raise BuildError(f"{name} has no setting {', '.join(foreign)}; its settings are: {allowed}")
+    section = model_config.get("model") or {}
+    if not isinstance(section, dict):
+        raise BuildError(f"the model-config's 'model:' must be a mapping of settings, got {section!r}")
+    parsed = {key: yaml.safe_load(text) for key, text in given.items()}
+    return {**model_config, "model": {**section, **parsed}}
+
+
 def build(args: argparse.Namespace) -> Path:
     config_path = args.model_config or args.configs / f"{args.archive}.yaml"
-    model_config = read_yaml(config_path)
+    given = {key: getattr(args, f"setting_{key}") for key in setting_options() if getattr(args, f"setting_{key}") is not None}
+    model_config = with_command_line_settings(args.archive, read_yaml(config_path), given)
     with tempfile.TemporaryDirectory(prefix=f"{args.archive}-stage-") as stage:
         workdir = Path(stage)
         if args.kserve_v2:  # TorchServe's kservev2 envelope answers only the first request of a batch
@@ -76,6 +99,9 @@ def build(args: argparse.Namespace) -> Path:
             config_path = workdir / "model-config.yaml"
             config_path.write_text(yaml.safe_dump(model_config, sort_keys=False))
         extra_files = stage_archive(args.archive, workdir, model_config, args.checkpoint, args.config, args.trust_checkpoint)
+        if given:  # the worker reads the settings from the archive's model-config
+            config_path = workdir / "model-config.yaml"
+            config_path.write_text(yaml.safe_dump(model_config, sort_keys=False))
         args.out.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
@@ -101,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the archive's model name (default: ARCHIVE), e.g. to serve two variants side by side")
     p.add_argument("--kserve-v2", action="store_true", help="for service_envelope=kservev2 (KServe v2): batchSize 1, the envelope serves no batches")
     p.add_argument("--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully (runs code from the file): only for files you trust")
+    for key, option in setting_options().items():
+        owners = [name for name in ARCHIVES if key in archive_module(name).MODEL_SETTINGS]
+        setting = archive_module(owners[0]).MODEL_SETTINGS[key]
+        p.add_argument(option, dest=f"setting_{key}", metavar="VALUE", help=f"{'/'.join(owners)}: model setting {key}, {setting.help} (default {setting.default})")
     p.add_argument("--handler", type=Path, required=True, help=argparse.SUPPRESS)
     p.add_argument("--configs", type=Path, required=True, help=argparse.SUPPRESS)
     return p

@@ -14,6 +14,7 @@ import torch
 from ..adapters.base import ExplanationPlan, ModelInput
 from ..engine import PathIntegral
 from ..errors import RequestError
+from .seed_apis import MAX_PREDICTION_TYPE
 
 REPLY_TYPES = {
     "application/gzip": "gzip",
@@ -23,8 +24,12 @@ REPLY_TYPES = {
     "application/json": "json",
     "image/png": "png",
     "application/vnd.opex+json": "opex",
+    MAX_PREDICTION_TYPE: "max",
 }
-CONTENT_TYPES = {"gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png", "opex": "application/vnd.opex+json", "kserve_v2": "application/json"}
+CONTENT_TYPES = {
+    "gzip": "application/gzip", "npz": "application/x-npz", "json": "application/json", "png": "image/png",
+    "opex": "application/vnd.opex+json", "kserve_v2": "application/json", "max": "application/json",
+}
 EXPLANATION_TYPES = ("gzip", "npz", "json")
 
 SEED_CLASSIFIER_EXPLANATION_KEYS = ("integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class")

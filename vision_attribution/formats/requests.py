@@ -42,6 +42,7 @@ def option_checks(limits: Limits) -> dict[str, values.Check]:
         "native_resolution": values.boolean,
         "points": values.extreme_points,
         "label": values.integer(1, 255),
+        "image_size": values.integer(16, 1024),
     }
 
 
