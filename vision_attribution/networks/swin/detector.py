@@ -4,11 +4,11 @@ inference_detector does it, and one detection's class score with its RoI chain f
 Images are raw BGR float pixels (B, 3, h, w), 0..255, already resized by the config's test-time Resize
 (`network_size`, `rescale`); mmdet's own data_preprocessor converts to RGB, normalises and pads to 32.
 
-A detection's location is its RoI chain: the box each of the cascade's stages scored, (x1, y1, x2, y2) at network
-resolution (stage 1: the RPN proposal; stage s + 1: stage s's box regressed for its top class), then the class.
+A detection's location (`Detections.locations`, (N, 4 S + 1) float32) is its RoI chain: the box each of the
+cascade's S = 3 stages scored, (x1, y1, x2, y2) at network resolution (stage 1: the RPN proposal; stage s + 1:
+stage s's box regressed for its top class), then the class.
 Its score is softmax(mean over the stages of the stage's class logits)[class], as mmdet's CascadeRoIHead scores it.
 """
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,7 @@ from mmdet.structures.bbox import bbox2roi
 from mmdet.utils import get_test_pipeline_cfg
 
 from ..checkpoints import load_strictly
+from ..detections import Detections
 
 LOAD_STEPS = ("LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations")
 """Test-pipeline steps that only read the image or annotations; serving gets the decoded image instead."""
@@ -68,24 +69,6 @@ def read_config(path: str | Path) -> Config:
         )
     return cfg
 
-
-@dataclass
-class CascadeDetections:
-    """Detections of one image, highest score first.
-
-    pred_boxes (N, 4) float32 XYXY in original-image pixels; scores (N,) float32; pred_classes (N,) int64;
-    pred_masks (N, H0, W0) bool; locations (N, 4 S + 1) float32: the S = 3 stages' RoIs (x1, y1, x2, y2) at network
-    resolution, then the class.
-    """
-
-    pred_boxes: torch.Tensor
-    scores: torch.Tensor
-    pred_classes: torch.Tensor
-    pred_masks: torch.Tensor
-    locations: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.scores.shape[0]
 
 
 class CascadeMaskRCNN:
@@ -130,7 +113,7 @@ class CascadeMaskRCNN:
         data = self.model.data_preprocessor({"inputs": images, "data_samples": samples}, False)
         return self.model.extract_feat(data["inputs"]), data["data_samples"]
 
-    def detect(self, image: torch.Tensor, original_size: Sequence[int], score_threshold: float) -> CascadeDetections:
+    def detect(self, image: torch.Tensor, original_size: Sequence[int], score_threshold: float) -> Detections:
         """(3, h, w) raw BGR at network resolution -> detections scoring above `score_threshold` (and the config's
         score_thr), computed as mmdet's CascadeRCNN.predict computes them, with each detection's RoI chain."""
         features, samples = self._features(image[None], original_size)
@@ -159,7 +142,7 @@ class CascadeMaskRCNN:
         results = InstanceData(bboxes=kept[:, :4], scores=kept[:, 4], labels=classes)
         results = roi_head.predict_mask(features, [metainfo], [results], rescale=True)[0]  # boxes -> original pixels
         chain = torch.cat([boxes[roi_index] for boxes in stage_boxes] + [classes[:, None].float()], dim=1)
-        return CascadeDetections(
+        return Detections(
             pred_boxes=results.bboxes.float().cpu(),
             scores=results.scores.float().cpu(),
             pred_classes=results.labels.long().cpu(),

@@ -7,7 +7,7 @@ from .checkpoint import (
     load_tensormask_weights,
 )
 from .config import COCO_CLASSES, DEFAULT_CONFIG, read_tensormask_config
-from .model import TensorMask, TensorMaskDetections, network_input_size
+from .model import TensorMask, network_input_size
 from .swap_align2nat import swap_align2nat, swap_align2nat_at_locations
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "CheckpointReport",
     "DEFAULT_CONFIG",
     "TensorMask",
-    "TensorMaskDetections",
     "UnsafePickleError",
     "load_tensormask",
     "load_tensormask_weights",

@@ -5,11 +5,11 @@ size detectron2's ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST) produces, see
 ``network_input_size``); the model subtracts PIXEL_MEAN, divides by PIXEL_STD and pads
 bottom/right with zeros to a multiple of 32.
 
-A detection's location is (level, y, x, anchor, class): the index of the FPN level in
-MODEL.TENSOR_MASK.IN_FEATURES, the cell of that level's grid, the anchor and the class.
+A detection's location (`Detections.locations`, (N, 5) int64) is (level, y, x, anchor, class): the index of the
+FPN level in MODEL.TENSOR_MASK.IN_FEATURES, the cell of that level's grid (network resolution), the anchor and
+the class.
 """
 import math
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
+from ..detections import Detections
 from .backbone import build_resnet_fpn_backbone
 from .config import DEFAULT_CONFIG, check_supported
 from .head import TensorMaskHead
 
-__all__ = ["TensorMask", "TensorMaskDetections", "network_input_size"]
+__all__ = ["TensorMask", "network_input_size"]
 
 _SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -36,24 +37,6 @@ def network_input_size(height: int, width: int, min_size: int = 800, max_size: i
         new_h, new_w = new_h * scale, new_w * scale
     return int(new_h + 0.5), int(new_w + 0.5)
 
-
-@dataclass
-class TensorMaskDetections:
-    """Detections of one image, highest score first.
-
-    pred_boxes (N, 4) float32 XYXY in original-image pixels; scores (N,) float32;
-    pred_classes (N,) int64 (COCO contiguous ids); pred_masks (N, H0, W0) bool;
-    locations (N, 5) int64 [level, y, x, anchor, class] on the network-resolution grid.
-    """
-
-    pred_boxes: torch.Tensor
-    scores: torch.Tensor
-    pred_classes: torch.Tensor
-    pred_masks: torch.Tensor
-    locations: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.scores.shape[0]
 
 
 def _cell_anchors(sizes: Sequence[float], aspect_ratio: float) -> torch.Tensor:
@@ -206,7 +189,7 @@ class TensorMask(nn.Module):
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor, original_size: Optional[Tuple[int, int]] = None,
-               score_threshold: float = 0.5) -> TensorMaskDetections:
+               score_threshold: float = 0.5) -> Detections:
         """Detect instances in one raw BGR image (3, H, W) at network resolution.
 
         Keeps detections with score > max(score_threshold, SCORE_THRESH_TEST) after
@@ -245,7 +228,7 @@ class TensorMask(nn.Module):
                 zip(self._mask_probabilities(features, locations), anchors)):
             region, rows, cols = _paste_mask(mask, anchor_box, out_h, out_w)
             pred_masks[i, rows, cols] = region.cpu()
-        return TensorMaskDetections(
+        return Detections(
             pred_boxes=boxes.float().cpu(), scores=scores.float().cpu(),
             pred_classes=locations[:, 4].cpu(), pred_masks=pred_masks, locations=locations.cpu())
 
