@@ -189,6 +189,7 @@ def write_swin_fork_checkpoint(path: Path, state: dict[str, torch.Tensor] | None
     meta = {"mmdet_version": "2.11.0", "mmcv_version": "1.3.1", "CLASSES": tuple(COCO_CLASSES), "epoch": 36, "iter": 131256,
             "config": "model = dict(type='CascadeRCNN', ...)", "time": "Tue May 11 12:00:00 2021"}  # fmt: skip
     torch.save({"meta": meta, "state_dict": OrderedDict(state if state is not None else random_swin_fork_state_dict())}, path)
+    return path
 
 
 DEEPLAB_FILE_NAMES = {"mobile": "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "full": "deeplabv3_resnet101_coco-586e9e4e.pth"}

@@ -15,16 +15,20 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+from checkpoint_files import write_deeplab_checkpoint, write_swin_fork_checkpoint
+from dextr_data import write_state_dict as write_dextr_state_dict
 from test_serving_selfie import grace_hopper
+from test_serving_swin import USER_CONFIG as SMALL_SWIN_CONFIG
 from test_serving_tensormask import CHILD_YAML
 from test_tensormask_model import BASE_TENSORMASK_YAML
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
+from vision_attribution.class_names import COCO_CLASSES
 from vision_attribution.formats.kserve_v2 import BATCH_OF_ONE, DATATYPES
 from vision_attribution.networks.bit import ResNetV2
 from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
 from vision_attribution.networks.tensormask import TensorMask
 
-ARCHIVES = ("effnet", "selfie", "bit", "lanet", "tensormask")
+ARCHIVES = ("effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr", "deeplab")
 BATCHED = "lanet"  # registered with batchSize 4: the envelope cannot serve batches, and says so
 
 
@@ -48,11 +52,16 @@ def server(tmp_path_factory):
         pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}}, stream)
     (workdir / "Base-TensorMask.yaml").write_text(BASE_TENSORMASK_YAML)
     (workdir / "tensormask_small.yaml").write_text(CHILD_YAML)
+    checkpoints["swin"] = write_swin_fork_checkpoint(workdir / "cascade_mask_rcnn_swin_tiny_patch4_window7.pth")
+    (workdir / "swin_small.py").write_text(SMALL_SWIN_CONFIG)
+    checkpoints["dextr"] = write_dextr_state_dict(workdir / "dextr_state_dict.pth")
+    checkpoints["deeplab"] = write_deeplab_checkpoint(workdir, "mobile")
+    framework_configs = {"tensormask": workdir / "tensormask_small.yaml", "swin": workdir / "swin_small.py"}
     for name in ARCHIVES:
         config = shipped_model_config(name)
-        config["attribution"]["n_steps"] = 4
+        config["attribution"].update(n_steps=4, internal_batch_size=2)
         config.update(minWorkers=1, maxWorkers=1, batchSize=4, maxBatchDelay=500)
-        extra = ["--config", str(workdir / "tensormask_small.yaml")] if name == "tensormask" else []
+        extra = ["--config", str(framework_configs[name])] if name in framework_configs else []
         build_archive(name, store, config, checkpoints[name], (*extra, *(() if name == BATCHED else ("--kserve-v2",))))
     with TorchServe(workdir, store, list(ARCHIVES), extra_config={"service_envelope": "kservev2"}) as serving:
         yield serving
@@ -158,6 +167,36 @@ def test_tensormask_detections_and_explanation(server):
     assert explanation["integrated_grads"].ndim == 4
 
 
+def test_swin_detections(server):
+    photo = np.asarray(Image.fromarray(photos.astronaut()).resize((120, 80)))
+    result = outputs(infer(server, "swin", [image_input(jpeg_bytes(photo), threshold=0.05)]))
+    count = len(result["scores"])
+    assert count > 0 and (result["scores"] >= 0.05).all() and (np.diff(result["scores"]) <= 0).all()
+    assert result["pred_masks"].shape == (count, 80, 120) and result["pred_boxes"].shape == (count, 4)
+    assert set(result["labels"].tolist()) <= set(COCO_CLASSES)
+
+
+def test_dextr_mask_from_extreme_points_given_as_an_input_tensor(server):
+    photo = np.asarray(Image.fromarray(photos.chelsea()).resize((90, 60)))
+    points = {"name": "points", "datatype": "INT32", "shape": [4, 2], "data": [[10, 30], [80, 30], [45, 5], [45, 55]]}
+    result = outputs(infer(server, "dextr", [image_input(jpeg_bytes(photo), label=3), points]))
+    assert result["probability"].shape == (60, 90) and result["pred_masks"].shape == (1, 60, 90)
+    assert result["points"].tolist() == points["data"] and result["label"].tolist() == [3]
+    bad = infer(server, "dextr", [image_input(jpeg_bytes(photo)), {**points, "data": [[1, 1]] * 4}])
+    assert bad.status_code == 400 and "points" in bad.json()["message"]
+
+
+def test_deeplab_masks_and_explanation(server):
+    photo = jpeg_bytes(np.asarray(Image.fromarray(photos.coffee()).resize((60, 40))))
+    result = outputs(infer(server, "deeplab", [image_input(photo, image_size=64)]))
+    count = len(result["labels"])
+    assert count > 0 and result["pred_masks"].shape == (count, 40, 60)
+    assert set(result["labels"].tolist()) <= set(result["class_names"].tolist())
+    explanation = outputs(infer(server, "deeplab", [image_input(photo, image_size=64, n_steps=2)], verb="explain"))
+    assert explanation["target/kind"].tolist() == ["region"] and explanation["n_steps"].tolist() == [2]
+    assert explanation["idg_per_mask/dividends"].sum() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     "inputs, status, message",
     [
@@ -209,8 +248,8 @@ def readiness(server, *models: str) -> subprocess.CompletedProcess:
 
 def test_readiness_probe_follows_the_workers(server):
     assert readiness(server).returncode == 0
-    missing = readiness(server, "effnet", "swin")
-    assert missing.returncode == 1 and "swin: management API answered 404" in missing.stderr
+    missing = readiness(server, "effnet", "bit_r50")
+    assert missing.returncode == 1 and "bit_r50: management API answered 404" in missing.stderr
     scale = f"{server.management}/models/{BATCHED}?synchronous=true"
     assert requests.put(f"{scale}&min_worker=0&max_worker=0", headers=server.auth("management"), timeout=120).status_code == 200
     try:

@@ -161,7 +161,8 @@ class TorchServe:
                     stat = (entry / "stat").read_text()
                 except OSError:
                     continue
-                if int(stat.rpartition(")")[2].split()[2]) == self.process.pid:  # field 5, pgrp
+                state, _, group_id = stat.rpartition(")")[2].split()[:3]  # fields 3 (state), 4, 5 (pgrp)
+                if int(group_id) == self.process.pid and state != "Z":
                     group.append(int(entry.name))
         return group
 
@@ -191,11 +192,20 @@ class TorchServe:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM to the whole process group, then wait until every process of it is gone (the launcher exits
+        before the Java frontend has closed its listeners); SIGKILL what is left after `timeout` seconds."""
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None or self.process_ids():
+            if time.monotonic() > deadline:
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
+                break
+            time.sleep(0.2)
+
+    def _signal_group(self, signal_number: int) -> None:
+        try:
+            os.killpg(self.process.pid, signal_number)
+        except ProcessLookupError:  # every process of the group has exited
+            pass
