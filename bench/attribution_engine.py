@@ -60,7 +60,7 @@ def main():
     common = dict(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE)
 
     def ours(keep_path):
-        return integrate_path(plan.target_fn, inputs, baseline, groups=plan.groups, keep_path=keep_path, **common)
+        return integrate_path(plan.path_target, inputs, baseline, groups=plan.groups, keep_path=keep_path, **common)
 
     def captum():
         return captum_ig.attribute(inputs, baselines=baseline, target=class_index, **common)

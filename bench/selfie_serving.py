@@ -71,12 +71,12 @@ def explain_latency(store: Path, workdir: Path, repeats: int, budget_s: float) -
     plan = adapter.plan_explanation(model_input, {})
     inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")
     common = dict(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE)
-    captum_ig = IntegratedGradients(lambda points: plan.target_fn(points))
+    captum_ig = IntegratedGradients(lambda points: plan.path_target(points))
     service = AttributionService(adapter, AttributionSettings(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE, return_path=False))
     request = IncomingRequest(fields={"body": jpeg_bytes(photo)}, explain=True)
 
     def ours():
-        return integrate_path(plan.target_fn, inputs, baseline, groups=plan.groups, keep_path=False, **common)
+        return integrate_path(plan.path_target, inputs, baseline, groups=plan.groups, keep_path=False, **common)
 
     def captum():
         return captum_ig.attribute(inputs, baselines=baseline, **common)

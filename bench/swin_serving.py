@@ -122,7 +122,7 @@ def bench_serving(parts: set[str], repeats: int) -> list[list[str]]:
             plan = adapter.plan_explanation(model_input, {"threshold": 0.05})
             point = model_input.tensor.clone().requires_grad_(True)
             with Stopwatch() as step:
-                plan.target_fn(point).sum().backward()
+                plan.path_target(point).sum().backward()
             rows.append(["one path point, forward + backward", f"{step.wall:.1f} s", f"{step.cpu:.1f} s", "a detection's score through backbone, neck, RoIAlign, 3 stages"])
             with Stopwatch() as explain:
                 (reply,) = service.handle_batch([IncomingRequest(fields={"body": photo, "threshold": "0.05"}, explain=True)])

@@ -19,7 +19,9 @@ import yaml
 from PIL import Image
 from skimage import data as photos
 
-from checkpoint_files import png16, write_bit_checkpoint, write_lanet_checkpoint, write_tensormask_checkpoint
+from checkpoint_files import png16, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint, write_swin_fork_checkpoint, write_tensormask_checkpoint
+from dextr_data import write_pickled_dextr_model
+from test_serving_swin import USER_CONFIG as SMALL_SWIN_CONFIG
 from torchserve_harness import REPO, jpeg_bytes, shipped_model_config
 from vision_attribution import service as service_module
 from vision_attribution.archives import load_service
@@ -30,6 +32,7 @@ from vision_attribution.service import IncomingRequest
 
 CHECKPOINT_WRITERS = {"lanet": write_lanet_checkpoint, "bit": write_bit_checkpoint, "tensormask": write_tensormask_checkpoint}
 USER_FILE_NAMES = {"lanet": "top1.pt", "bit": "BiT-S-R101x3.pth.tar", "tensormask": "model_final.pth"}
+DEXTR_POINTS = [[20, 10], [80, 35], [45, 5], [40, 68]]  # four extreme points [x, y] inside the 96x72 photo
 
 
 def archive_sh(*args: str) -> subprocess.CompletedProcess:
@@ -123,18 +126,38 @@ def test_archive_sh_refuses_an_invalid_model_config_naming_the_key_and_the_allow
 # Services of every archive, staged as archive.sh stages them ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    staged = {}
-    for archive in ("effnet", "selfie", "bit", "lanet", "tensormask"):
-        workdir = tmp_path_factory.mktemp(f"{archive}-staged")
-        writer = CHECKPOINT_WRITERS.get(archive)
-        checkpoint = writer(workdir.parent / f"{workdir.name}-{USER_FILE_NAMES[archive]}") if writer else None
+class StagedServices(dict):
+    """Each archive's service, staged as archive.sh stages it the first time a test asks for it (so that a test of
+    one archive does not pay for staging the others)."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, archive: str):
+        workdir = self.tmp_path_factory.mktemp(f"{archive}-staged")
         config = shipped_model_config(archive)
         config["attribution"]["max_response_bytes"] = 60_000_000
-        stage_archive(archive, workdir, config, checkpoint, None, False)
-        staged[archive] = load_service(workdir, config, torch.device("cpu"))
-    return staged
+        checkpoint, framework_config, trust = None, None, False
+        if archive in CHECKPOINT_WRITERS:
+            checkpoint = CHECKPOINT_WRITERS[archive](workdir.parent / f"{workdir.name}-{USER_FILE_NAMES[archive]}")
+        elif archive == "swin":  # the seed fork's layout; a config at 192x128 with fewer proposals keeps it fast
+            checkpoint = write_swin_fork_checkpoint(workdir.parent / f"{workdir.name}-cascade_mask_rcnn_swin_tiny_patch4_window7.pth")
+            framework_config = workdir.parent / f"{workdir.name}-swin_small.py"
+            framework_config.write_text(SMALL_SWIN_CONFIG)
+        elif archive == "dextr":  # the published format (a pickled DextrModel, random weights) with 64x64 crops
+            checkpoint = write_pickled_dextr_model(workdir.parent / f"{workdir.name}-dextr_pascalvoc_resunet101.pth", size=64, padding=4, sigma=4.0)
+            trust = True
+        elif archive == "deeplab":
+            checkpoint = write_deeplab_checkpoint(self.tmp_path_factory.mktemp("deeplab-checkpoint"), "mobile")
+        stage_archive(archive, workdir, config, checkpoint, framework_config, trust)
+        self[archive] = load_service(workdir, config, torch.device("cpu"))
+        return self[archive]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    return StagedServices(tmp_path_factory)
 
 
 def serve(service, fields: dict, explain: bool = False, accept: str | None = None):
@@ -146,6 +169,12 @@ def photo_fields(archive: str, **options) -> dict:
     fields = {"body": jpeg_bytes(photos.astronaut(), (96, 72)), **{key: str(value) for key, value in options.items()}}
     if archive == "tensormask":
         fields.update(native_resolution="true", threshold="0.3")
+    elif archive == "swin":
+        fields.update(threshold="0.05")
+    elif archive == "dextr":
+        fields.update(points=json.dumps(DEXTR_POINTS))
+    elif archive == "deeplab":
+        fields.update(image_size="64")
     return fields
 
 
@@ -168,7 +197,7 @@ REPLY_TYPES = ("application/gzip", "application/x-npz", "application/json")
 # 2. Every reply type of every archive reads back -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("archive", ["effnet", "selfie", "bit", "lanet", "tensormask"])
+@pytest.mark.parametrize("archive", ["effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr", "deeplab"])
 def test_every_reply_type_reads_back_with_plain_readers_and_the_client(services, archive, tmp_path):
     service = services[archive]
     kinds = [(False, accept) for accept in (*REPLY_TYPES, "image/png") if accept.split("/")[1].replace("x-", "") in service.adapter.prediction_types]

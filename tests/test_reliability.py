@@ -412,15 +412,19 @@ def test_a_worker_killed_during_an_explanation_answers_worker_died_at_once_and_i
     # 507 when TorchServe has already reaped the worker (exit status 137: killed) as it answers, else 500.
     assert reply.status_code in (507, 500) and reply.json()["message"] == "Worker died.", reply.text
     assert client.lost_with_its_worker(reply)  # so the project's client sends it again
-    assert answered_after < 30, f"the client waited {answered_after:.1f} s for the worker's death"
+    record_property("worker_died_reply_s", round(answered_after, 2))
+    print(f"\n{reply.status_code} 'Worker died.' {answered_after:.2f} s after the kill")
+    # "at once": TorchServe answers when it sees the worker's connection drop, not after a timeout.
+    assert answered_after < 15, f"the client waited {answered_after:.1f} s for the worker's death"
 
-    deadline = time.monotonic() + 240
+    # TorchServe restarts the worker (after its 1 s back-off) and the handler loads effnet again: ~6 s measured.
+    deadline = killed_at + 60
     while not (server.workers_ready("effnet") and pid not in server.worker_pids("effnet")):
-        assert time.monotonic() < deadline, f"no new effnet worker READY after 240 s:\n{server.log_tail()}"
+        assert time.monotonic() < deadline, f"no new effnet worker READY 60 s after the kill:\n{server.log_tail()}"
         time.sleep(0.25)
     recovery = time.monotonic() - killed_at
     record_property("worker_recovery_s", round(recovery, 1))
-    print(f"{reply.status_code} 'Worker died.' {answered_after:.2f} s after the kill; a new worker READY after {recovery:.1f} s")
+    print(f"a new effnet worker READY {recovery:.1f} s after the kill")
     assert_served_normally(server, "effnet")
     again = server.post("/explanations/effnet", files={"image": jpeg_bytes(photos.coffee())}, data={"n_steps": "2"}, timeout=RESPONSE_TIMEOUT)
     assert again.status_code == 200 and seed_client_read(again.content)["target"]["name"] == "espresso"

@@ -35,14 +35,14 @@ def test_region_target_gradient_matches_finite_differences(reduction):
     expected = adapter.logits_of(model_input.tensor)[0, plan.target["index"]][region].sum()
     if reduction == "mean":
         expected = expected / region.sum()
-    assert float(plan.target_fn(model_input.tensor)) == pytest.approx(float(expected))
+    assert float(plan.path_target(model_input.tensor)) == pytest.approx(float(expected))
     point = model_input.tensor.clone().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(plan.target_fn(point).sum(), point)
+    (gradient,) = torch.autograd.grad(plan.path_target(point).sum(), point)
     generator = torch.Generator().manual_seed(3)
     for _ in range(5):
         direction = torch.randn(point.shape, generator=generator, dtype=torch.float64)
         step = 1e-6
-        numeric = (plan.target_fn(model_input.tensor + step * direction) - plan.target_fn(model_input.tensor - step * direction)) / (2 * step)
+        numeric = (plan.path_target(model_input.tensor + step * direction) - plan.path_target(model_input.tensor - step * direction)) / (2 * step)
         assert float((gradient * direction).sum()) == pytest.approx(float(numeric), rel=1e-6, abs=1e-9)
 
 
@@ -63,7 +63,7 @@ def test_idg_per_mask_equals_an_independent_computation_and_dividends_sum_to_one
     model_input.tensor = model_input.tensor.double()
     plan = adapter.plan_explanation(model_input, {})
     baseline = adapter.baseline(model_input, "black")
-    result = integrate_path(plan.target_fn, model_input.tensor, baseline, n_steps=12, groups=plan.groups, keep_path=True)
+    result = integrate_path(plan.path_target, model_input.tensor, baseline, n_steps=12, groups=plan.groups, keep_path=True)
     difference = model_input.tensor - baseline
     for index, mask in enumerate(plan.groups):
         z = difference[0] * mask

@@ -1,6 +1,8 @@
 """TensorMask model: inference output contract, lazy-vs-dense consistency, instance_score,
 config reading, and (when detectron2 + its TensorMask project are installed) parity with detectron2."""
 import copy
+import importlib
+import sys
 
 import pytest
 import torch
@@ -238,16 +240,31 @@ def non_degenerate_(model: torch.nn.Module) -> None:
         model.head.cls_score.bias.fill_(-2.0)
 
 
+def substitute_swap_align2nat_(monkeypatch) -> None:
+    """Make TensorMask's op the project's everywhere it is looked up. ``tensormask/layers/__init__.py`` does
+    ``from .swap_align2nat import SwapAlign2Nat, swap_align2nat``, so the package attribute
+    ``tensormask.layers.swap_align2nat`` is the function, shadowing the submodule: the submodule (whose global
+    ``SwapAlign2Nat.forward`` calls) is reached through ``importlib``, and every loaded tensormask module that
+    bound the function by name (the package itself, or any ``from ... import swap_align2nat``) is patched too."""
+    submodule = importlib.import_module("tensormask.layers.swap_align2nat")
+    original = submodule.swap_align2nat
+    monkeypatch.setattr(submodule, "swap_align2nat", swap_align2nat)
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name == "tensormask" or name.startswith("tensormask.")) \
+                and getattr(module, "swap_align2nat", None) is original:
+            monkeypatch.setattr(module, "swap_align2nat", swap_align2nat)
+    assert importlib.import_module("tensormask.layers.swap_align2nat").swap_align2nat is swap_align2nat
+
+
 def test_parity_with_detectron2(monkeypatch):
     pytest.importorskip("detectron2")
     tensormask = pytest.importorskip("tensormask")
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from tensormask.layers import swap_align2nat as detectron2_swap_align2nat
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # detectron2's op has a CUDA kernel only: substitute the project's, checked against it
-        monkeypatch.setattr(detectron2_swap_align2nat, "swap_align2nat", swap_align2nat)
+        substitute_swap_align2nat_(monkeypatch)
     d2_cfg = get_cfg()
     tensormask.add_tensormask_config(d2_cfg)
     d2_cfg.merge_from_list([

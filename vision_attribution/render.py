@@ -1,4 +1,4 @@
-"""Render replies over the original image as PNG: IG heatmap, IDG dividends per mask, predicted masks."""
+"""Render replies over the original image as PNG: IG heatmap, IDG dividends per mask, predicted masks, IDG hierarchy."""
 from typing import Optional
 
 import matplotlib
@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def place_on_image(values: np.ndarray, image_size: tuple[int, int], region) -> n
 
 
 def render_reply(reply: dict, image: np.ndarray, title: str = "") -> plt.Figure:
-    """A figure of the panels the reply supports: masks, |IG| heatmap, IDG dividend per mask."""
+    """A figure of the panels the reply supports: masks, |IG| heatmap, IDG dividend per mask, IDG hierarchy."""
     height, width = image.shape[:2]
     region = _array(reply.get("input_region"))
     region = region if region is not None else (0, 0, width, height)
@@ -48,12 +49,19 @@ def render_reply(reply: dict, image: np.ndarray, title: str = "") -> plt.Figure:
         dividends, group_masks = _array(idg["dividends"]), _array(idg["masks"]).astype(np.float32)
         share = np.tensordot(dividends, group_masks, axes=1) if group_masks.ndim == 3 else np.tensordot(dividends, group_masks.max(1), axes=1)
         panels.append(("IDG dividend per mask", place_on_image(share, (height, width), region)))
+    hierarchy = reply.get("idg_hierarchy")
+    if hierarchy is not None:
+        leaf_values = _array(hierarchy["value"])[_array(hierarchy["label_map"])]
+        panels.append(("IDG hierarchy: leaf values", place_on_image(leaf_values, (height, width), region)))
+        panels.append(("IDG hierarchy: values (colour: IDG sign)", lambda axis: draw_idg_treemap(axis, hierarchy)))
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * (len(panels) + 1), 4.8))
     axes = np.atleast_1d(axes)
     axes[0].imshow(image)
     axes[0].set_title(title or "input")
     for axis, (name, layer) in zip(axes[1:], panels):
-        if layer.ndim == 3:
+        if callable(layer):
+            layer(axis)
+        elif layer.ndim == 3:
             axis.imshow(layer)
         else:
             axis.imshow(image)
@@ -63,6 +71,44 @@ def render_reply(reply: dict, image: np.ndarray, title: str = "") -> plt.Figure:
         axis.axis("off")
     figure.tight_layout()
     return figure
+
+
+def draw_idg_treemap(axis: plt.Axes, hierarchy: dict, min_labelled_area: float = 0.015) -> None:
+    """Nested rectangles in the unit square, area = value: each node's children split it in turn along x and y.
+
+    The strip a node keeps after its children is its own dividend. Colour: IDG / max |IDG| (red +, blue -).
+    Labelled: names and values of segments, values of superpixels, where the rectangle is large enough.
+    """
+    parent, value, idg = (_array(hierarchy[key]) for key in ("parent", "value", "idg"))
+    labels = list(hierarchy["labels"])
+    children = [np.flatnonzero(parent == node) for node in range(len(parent))]
+    colours = plt.get_cmap("coolwarm")
+    scale = max(float(np.abs(idg).max()), 1e-300)
+
+    def draw(node: int, x: float, y: float, w: float, h: float, depth: int) -> None:
+        colour = colours(0.5 + 0.5 * idg[node] / scale)
+        axis.add_patch(Rectangle((x, y), w, h, facecolor=colour, edgecolor="black", linewidth=max(0.4, 2.0 - 0.8 * depth)))
+        if depth > 0 and w * h >= min_labelled_area:
+            text = f"{labels[node]}\n{value[node]:.2f}" if depth == 1 else f"{value[node]:.2f}"
+            if len(children[node]):
+                axis.text(x + 0.01, y + 0.01, text, ha="left", va="top", fontsize=8, fontweight="bold", clip_on=True)
+            else:
+                axis.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=6, clip_on=True)
+        if value[node] <= 0:
+            return
+        offset = 0.0
+        for child in children[node]:
+            share = value[child] / value[node]
+            if depth % 2 == 0:
+                draw(child, x + offset * w, y, share * w, h, depth + 1)
+            else:
+                draw(child, x, y + offset * h, w, share * h, depth + 1)
+            offset += share
+
+    draw(0, 0.0, 0.0, 1.0, 1.0, 0)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(1, 0)
+    axis.set_aspect("equal")
 
 
 def _mask_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -10,13 +10,15 @@ from typing import Optional
 
 import torch
 
-from .adapters.base import ModelAdapter, ModelInput
+from .adapters.base import ExplanationPlan, ModelAdapter, ModelInput
 from .encode import encode_error, encode_gzip_torch, encode_json, encode_npz, encode_png
-from .engine import integrate_path
+from .engine import PathProblem, Rule, integrate_paths, make_rule
 from .errors import RequestError
 from .formats import kserve_v2, replies
-from .formats.requests import ParsedRequest, parse_request
+from .formats.requests import ParsedRequest, parse_request, refuse_explanation_options
 from .formats.seed_apis import max_prediction
+from .idg_hierarchy import segment_hierarchy, superpixel_image_of
+from .quadrature import ADAPTIVE_METHOD, AdaptiveRule
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,21 @@ class _Prediction:
     reply_type: str
 
 
+@dataclass
+class _Explanation:
+    """An explanation request, planned and waiting for its batch's path integrals."""
+
+    position: int
+    request: IncomingRequest
+    parsed: ParsedRequest
+    model_input: ModelInput
+    plan: ExplanationPlan
+    problem: PathProblem
+    baseline_kind: str
+    seed_reply: bool
+    reply_type: str
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, CPU allocator failures (a RuntimeError from c10) and Python's MemoryError."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
@@ -77,6 +94,7 @@ class AttributionService:
         """One reply per request, in order; the predictions of a batch share one forward pass."""
         answers: list[Optional[Reply]] = [None] * len(requests)
         predictions: list[_Prediction] = []
+        explanations: list[_Explanation] = []
         for position, request in enumerate(requests):
             try:
                 if request.kserve_v2_inputs is not None:  # the protocol fixes the reply: v2 outputs
@@ -88,8 +106,9 @@ class AttributionService:
                 if request.explain:
                     reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (
                         replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES))
-                    answers[position] = self._explain(parsed, reply_type)
+                    explanations.append(self._plan_explanation(position, request, parsed, reply_type))
                 else:
+                    refuse_explanation_options(parsed.options)
                     types = self.adapter.prediction_types
                     default = "gzip" if parsed.seed_format and "gzip" in types else types[0]
                     reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (
@@ -99,6 +118,8 @@ class AttributionService:
                 answers[position] = self._failure(error, request)
         if predictions:
             self._predict(predictions, answers)
+        if explanations:
+            self._explain(explanations, answers)
         return answers
 
     def _predict(self, items: list[_Prediction], answers: list) -> None:
@@ -129,36 +150,90 @@ class AttributionService:
         document_of = getattr(self.adapter, "prediction_document", None)
         return ENCODERS[reply_type](document_of(prediction, reply_type) if document_of else prediction)
 
-    def _explain(self, parsed: ParsedRequest, reply_type: str) -> Reply:
+    def _rule(self, options: dict) -> Rule:
+        """The request's quadrature: `tolerance` (or the archive's default tolerance) refines the adaptive rule up
+        to max_steps nodes; `n_steps` or a fixed `method` asks for a fixed rule. Options that contradict are a 400."""
+        settings = self.settings
+        fixed = "n_steps" in options or options.get("method", ADAPTIVE_METHOD) != ADAPTIVE_METHOD
+        if "tolerance" in options and fixed:
+            raise RequestError(
+                f"'tolerance' refines the nested {ADAPTIVE_METHOD} rule until the completeness error is small enough; it cannot be "
+                "combined with 'n_steps' or another 'method': send either 'tolerance' (and 'max_steps') or 'n_steps'/'method'"
+            )
+        tolerance = options.get("tolerance", None if fixed else settings.tolerance)
+        if tolerance is None:
+            if "max_steps" in options:
+                raise RequestError("option 'max_steps' bounds a tolerance-driven explanation; send a 'tolerance' with it, or 'n_steps' alone")
+            if options.get("method") == ADAPTIVE_METHOD:
+                raise RequestError(f"method {ADAPTIVE_METHOD} refines until a 'tolerance' is met; send one (this archive has no default tolerance)")
+            method, n_steps = options.get("method", settings.method), options.get("n_steps", settings.n_steps)
+            if method == "riemann_trapezoid" and n_steps < 2:
+                raise RequestError("option 'n_steps' must be at least 2 for method riemann_trapezoid")
+            return make_rule(method, n_steps)
+        return make_rule(tolerance=tolerance, max_steps=options.get("max_steps", settings.tolerance_max_steps))
+
+    def _plan_explanation(self, position: int, request: IncomingRequest, parsed: ParsedRequest, reply_type: str) -> _Explanation:
+        """Decode, plan and size-check one explanation request; its integral is computed with the batch's."""
         options, settings = parsed.options, self.settings
+        rule = self._rule(options)
         model_input = self.adapter.prepare(parsed.image, options)
         plan = self.adapter.plan_explanation(model_input, options)
-        method = options.get("method", settings.method)
-        n_steps = options.get("n_steps", settings.n_steps)
-        if method == "riemann_trapezoid" and n_steps < 2:
-            raise RequestError("option 'n_steps' must be at least 2 for method riemann_trapezoid")
         baseline_kind = options.get("baseline", settings.baseline)
         seed_reply = parsed.seed_format and self.adapter.seed_explanation_keys is not None
         # The seed reply carries the path tensors, so a seed request keeps them unless it says return_path=false.
         keep_path = options.get("return_path", True if seed_reply else settings.return_path)
-        limit = settings.max_response_bytes
-        replies.refuse_oversize_explanation(plan, model_input, n_steps, keep_path, reply_type, limit, seed_reply, "threshold" in self.adapter.options)
-        integral = integrate_path(
-            plan.target_fn,
+        most_steps = rule.max_steps if isinstance(rule, AdaptiveRule) else len(rule.alphas)
+        replies.refuse_oversize_explanation(
+            plan, model_input, most_steps, keep_path, reply_type, settings.max_response_bytes, seed_reply, "threshold" in self.adapter.options,
+            hierarchy="idg_hierarchy" in options, steps_option="max_steps" if isinstance(rule, AdaptiveRule) else "n_steps",
+        )
+        problem = PathProblem(
+            plan.path_target,
             model_input.tensor,
             self.adapter.baseline(model_input, baseline_kind),
-            n_steps=n_steps,
-            method=method,
+            rule,
             internal_batch_size=options.get("internal_batch_size", settings.internal_batch_size),
             groups=plan.groups,
             keep_path=keep_path,
         )
-        payload = replies.explanation(integral, plan, model_input, method, baseline_kind)
-        if seed_reply:
+        return _Explanation(position, request, parsed, model_input, plan, problem, baseline_kind, seed_reply, reply_type)
+
+    def _explain(self, items: list[_Explanation], answers: list) -> None:
+        """The batch's path integrals together (sharing chunks where their targets share a forward); if that fails,
+        each is retried alone so that only the failing one fails."""
+        try:
+            integrals = integrate_paths([item.problem for item in items])
+        except Exception as error:  # noqa: BLE001
+            if len(items) == 1:
+                answers[items[0].position] = self._failure(error, items[0].request)
+                return
+            log.warning("a batch of %d explanations failed (%s: %s); retrying them one by one", len(items), type(error).__name__, error)
+            for item in items:
+                item.problem.rule = item.problem.rule.fresh()
+                self._explain([item], answers)
+            return
+        for item, integral in zip(items, integrals):
+            try:
+                answers[item.position] = self._explanation_reply(item, integral)
+            except Exception as error:  # noqa: BLE001
+                answers[item.position] = self._failure(error, item.request)
+
+    def _explanation_reply(self, item: _Explanation, integral) -> Reply:
+        payload = replies.explanation(integral, item.plan, item.model_input, item.baseline_kind)
+        superpixels = item.parsed.options.get("idg_hierarchy")
+        if superpixels is not None:
+            segments = item.plan.groups if item.plan.groups_are_segments else None
+            labels = item.plan.group_labels if item.plan.groups_are_segments else []
+            payload["idg_hierarchy"] = segment_hierarchy(
+                integral.integrated_grads, item.problem.inputs - item.problem.baseline, segments, labels,
+                superpixel_image_of(item.model_input.tensor), superpixels,
+            )
+        if item.seed_reply:
             payload = replies.seed_explanation(payload, self.adapter.seed_explanation_keys)
+        keep_path = item.problem.keep_path
         hint = "lower n_steps or send return_path=false" if keep_path else (
-            "lower n_steps" if reply_type == "kserve_v2" else "lower n_steps or ask for application/gzip")
-        return Reply(replies.check_reply_size(ENCODERS[reply_type](payload), limit, hint), replies.CONTENT_TYPES[reply_type])
+            "lower n_steps" if item.reply_type == "kserve_v2" else "lower n_steps or ask for application/gzip")
+        return Reply(replies.check_reply_size(ENCODERS[item.reply_type](payload), self.settings.max_response_bytes, hint), replies.CONTENT_TYPES[item.reply_type])
 
     @staticmethod
     def _failure(error: Exception, request: IncomingRequest) -> Reply:

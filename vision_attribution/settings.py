@@ -6,10 +6,10 @@ model-config.yaml holds TorchServe's own keys (workers, batching, timeouts) plus
 A misspelt key or a value outside what is allowed is a ConfigError that names the key and the allowed values.
 """
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from . import values
-from .quadrature import METHODS
+from .quadrature import ADAPTIVE_MIN_STEPS, METHODS
 
 BASELINES = ("zeros", "black")
 """zeros: the all-zero tensor in the model's normalised input space (the seeds' baseline); black: a black image."""
@@ -53,6 +53,8 @@ class AttributionSettings:
 
     n_steps: int = 50
     method: str = "gausslegendre"
+    tolerance: Optional[float] = None
+    tolerance_max_steps: int = 257
     internal_batch_size: int = 16
     baseline: str = "zeros"
     return_path: bool = False
@@ -62,7 +64,10 @@ class AttributionSettings:
 
 ATTRIBUTION_SETTINGS: dict[str, Setting] = {
     "n_steps": Setting(values.integer(1, 100_000), 50, "path steps of an explanation"),
-    "method": Setting(values.choice(*METHODS), "gausslegendre", "quadrature rule"),
+    "method": Setting(values.choice(*METHODS), "gausslegendre", "quadrature rule of fixed-step explanations"),
+    "tolerance": Setting(values.optional(values.number(1e-6, 1.0)), None,
+                         "default relative completeness tolerance (adaptive rule); null: n_steps of `method`"),
+    "tolerance_max_steps": Setting(values.integer(ADAPTIVE_MIN_STEPS, 100_000), 257, "default max_steps of a tolerance-driven explanation"),
     "internal_batch_size": Setting(values.integer(1, 100_000), 16, "path points per forward/backward chunk"),
     "baseline": Setting(values.choice(*BASELINES), "zeros", "the path's starting point"),
     "return_path": Setting(values.boolean, False, "also return the path gradients and path points"),
@@ -113,6 +118,10 @@ def read_model_config(config: Mapping | None, model_settings: Mapping[str, Setti
     attribution = AttributionSettings(limits=limits, **raw)
     if attribution.n_steps > limits.max_steps:
         raise ConfigError(f"model-config 'attribution.n_steps' ({attribution.n_steps}) is over 'attribution.max_steps' ({limits.max_steps})")
+    if attribution.tolerance_max_steps > limits.max_steps:
+        raise ConfigError(
+            f"model-config 'attribution.tolerance_max_steps' ({attribution.tolerance_max_steps}) is over 'attribution.max_steps' ({limits.max_steps})"
+        )
     if attribution.internal_batch_size > limits.max_internal_batch_size:
         raise ConfigError(
             f"model-config 'attribution.internal_batch_size' ({attribution.internal_batch_size}) is over "

@@ -22,7 +22,9 @@ def _list(value, what: str) -> list:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"must be {what} (JSON), got {value!r}") from None
+            raise ValueError(f"must be {what} (JSON), got {value[:80]!r}") from None
+        except RecursionError:
+            raise ValueError(f"must be {what}; the JSON given is nested too deeply to parse") from None
     if not isinstance(value, list):
         raise ValueError(f"must be {what}, got {value!r}")
     return value
@@ -59,6 +61,15 @@ def number(low: float, high: float) -> Check:
         return parsed
 
     return check
+
+
+def optional(check: Check) -> Check:
+    """`check`, or None for a YAML null."""
+
+    def check_or_none(value):
+        return None if value is None else check(value)
+
+    return check_or_none
 
 
 def choice(*choices: str) -> Check:

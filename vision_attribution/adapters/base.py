@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..decode import PixelLayout
-from ..engine import PathIntegral, TargetFunction
+from ..engine import PathIntegral, PathTarget
 
 
 @dataclass
@@ -27,18 +27,21 @@ class ModelInput:
 class ExplanationPlan:
     """What to integrate for one request, decided on the real input.
 
-    target_fn: path points (b, C, h, w) -> (b,) differentiable scalars.
+    path_target: the explained scalar, path points (b, C, h, w) -> (b,), as a model forward shared by every
+        request of the archive (so that explanations can share chunks) and this request's readout.
     target: description of the explained scalar ({"kind", "index", "name", ...}).
     prediction: the model's outputs at the input, merged into the reply (e.g. {"output": logits (1, K)}).
     groups: boolean masks (M, h, w) over the model input for IDG, with one label each.
+    groups_are_segments: the groups are predicted segments (the IDG hierarchy's middle level), not a patch grid.
     integral_summary: further reply fields computed from the integral (e.g. attribution per input channel).
     """
 
-    target_fn: TargetFunction
+    path_target: PathTarget
     target: dict[str, Any]
     prediction: dict[str, Any] = field(default_factory=dict)
     groups: Optional[torch.Tensor] = None
     group_labels: list[str] = field(default_factory=list)
+    groups_are_segments: bool = True
     integral_summary: Optional[Callable[[PathIntegral], dict[str, Any]]] = None
 
 

@@ -3,7 +3,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..formats.requests import PATH_OPTIONS
 from ..formats.replies import SEED_CLASSIFIER_EXPLANATION_KEYS, classifier_prediction
+from ..engine import PathTarget
 from .base import ExplanationPlan, ModelInput
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 
@@ -21,7 +23,7 @@ class ClassifierAdapter(FixedSizeInput):
     """Serves a classifier whose `logits_of(x)` maps (B, 3, h, w) normalised input to (B, K) logits."""
 
     seed_explanation_keys = SEED_CLASSIFIER_EXPLANATION_KEYS
-    options = ("n_steps", "method", "target", "baseline", "internal_batch_size", "return_path", "idg_grid")
+    options = PATH_OPTIONS + ("target", "idg_grid")
     prediction_types = ("json", "gzip", "npz")
 
     def __init__(
@@ -54,14 +56,15 @@ class ClassifierAdapter(FixedSizeInput):
             logits = self.logits_of(model_input.tensor).float()
         index = self.class_index(options.get("target"), logits[0])
 
-        def class_logit(points: torch.Tensor) -> torch.Tensor:
-            return self.logits_of(points)[:, index]
+        def class_logit(logits: torch.Tensor) -> torch.Tensor:
+            return logits[:, index]
 
         groups, labels = patch_grid(self.input_size, options.get("idg_grid", self.idg_grid))
         return ExplanationPlan(
-            target_fn=class_logit,
+            path_target=PathTarget(self.logits_of, class_logit),
             target={"kind": "class", "index": index, "name": self.class_names[index]},
             prediction={"output": logits.cpu(), "target_class": index},
             groups=groups,
             group_labels=labels,
+            groups_are_segments=False,
         )

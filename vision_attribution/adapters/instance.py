@@ -13,7 +13,9 @@ from PIL import Image
 
 from .base import ExplanationPlan, ModelInput
 from ..decode import PixelLayout
+from ..engine import PathTarget
 from ..errors import RequestError
+from ..formats.requests import PATH_OPTIONS
 
 
 class InstanceDetector(Protocol):
@@ -40,7 +42,7 @@ class InstanceSegmenterAdapter:
 
     seed_explanation_keys = None
     prediction_types = ("gzip", "npz", "png", "json")
-    options = ("n_steps", "method", "baseline", "internal_batch_size", "return_path", "threshold", "instance", "native_resolution")
+    options = PATH_OPTIONS + ("threshold", "instance", "native_resolution")
 
     def __init__(
         self,
@@ -120,7 +122,7 @@ class InstanceSegmenterAdapter:
             masks, labels = torch.cat([masks, rest[None]]), labels + ["background"]
         klass = int(detections.pred_classes[index])
         return ExplanationPlan(
-            target_fn=instance_score,
+            path_target=PathTarget.of(instance_score),
             target={"kind": "instance", "index": klass, "name": self.class_names[klass], "instance": index, "score": float(detections.scores[index]), "location": location},
             prediction=self._prediction(detections),
             groups=masks,

@@ -15,9 +15,10 @@ from skimage.measure import find_contours
 from .base import ExplanationPlan, ModelInput
 from .fixed_size import RGB_ROWS
 from ..encode import encode_png
-from ..engine import PathIntegral
+from ..engine import PathIntegral, PathTarget
 from ..errors import RequestError
 from ..formats import replies
+from ..formats.requests import PATH_OPTIONS
 from ..networks.dextr import CropSettings, network_input, normalise, paste_probability
 
 IMAGE_CHANNELS, HEATMAP_CHANNEL = slice(0, 3), 3
@@ -53,7 +54,7 @@ class ExtremePointsSegmenterAdapter:
 
     seed_layout = RGB_ROWS
     seed_explanation_keys = None
-    options = ("points", "label", "threshold", "n_steps", "method", "baseline", "internal_batch_size", "return_path")
+    options = ("points", "label", "threshold") + PATH_OPTIONS
     prediction_types = ("json", "png", "opex", "gzip", "npz")
 
     def __init__(self, logits_of: Callable[[torch.Tensor], torch.Tensor], crop: CropSettings, device: torch.device):
@@ -126,14 +127,14 @@ class ExtremePointsSegmenterAdapter:
             raise RequestError(f"the predicted mask is empty at threshold {threshold} (highest probability {float(probability.max()):.3f}); lower 'threshold' to explain it", status=422)
         weights = region.to(model_input.tensor.dtype)
 
-        def object_logits(points: torch.Tensor) -> torch.Tensor:
-            return (self.logits_of(points)[:, 0] * weights).sum(dim=(1, 2))
+        def object_logits(logits: torch.Tensor) -> torch.Tensor:
+            return (logits[:, 0] * weights).sum(dim=(1, 2))
 
         groups, labels = region[None], ["object"]
         if not region.all():
             groups, labels = torch.stack([region, ~region]), ["object", "background"]
         return ExplanationPlan(
-            target_fn=object_logits,
+            path_target=PathTarget(self.logits_of, object_logits),
             target={"kind": "region", "index": 0, "name": "object", "reduction": "sum", "pixels": pixels},
             prediction=self._prediction(probability[0].cpu().numpy(), model_input, options),
             groups=groups,

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import PathTarget
 from .base import ExplanationPlan, ModelInput
 from ..errors import RequestError
+from ..formats.requests import PATH_OPTIONS
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 
 
@@ -37,7 +39,7 @@ class SemanticSegmenterAdapter(FixedSizeInput):
         self.logits_of = logits_of
         self.class_names = list(class_names)
         self.binary = binary
-        self.options = ("n_steps", "method", "target", "baseline", "internal_batch_size", "return_path", "region_reduction") + (
+        self.options = PATH_OPTIONS + ("target", "region_reduction") + (
             ("threshold",) if binary else ()
         )
 
@@ -105,12 +107,12 @@ class SemanticSegmenterAdapter(FixedSizeInput):
         reduction = options.get("region_reduction", "sum")
         weights = region.to(model_input.tensor.dtype) / (pixels if reduction == "mean" else 1)
 
-        def region_logits(points: torch.Tensor) -> torch.Tensor:
-            return (self.logits_of(points)[:, target] * weights).sum(dim=(1, 2))
+        def region_logits(logits: torch.Tensor) -> torch.Tensor:
+            return (logits[:, target] * weights).sum(dim=(1, 2))
 
         present = classes.unique().tolist()
         return ExplanationPlan(
-            target_fn=region_logits,
+            path_target=PathTarget(self.logits_of, region_logits),
             target={"kind": "region", "index": target, "name": self.class_names[target], "reduction": reduction, "pixels": pixels},
             prediction=self._prediction(logits, model_input, options),
             groups=torch.stack([classes == c for c in present]),

@@ -6,6 +6,7 @@ This module names the keys of each reply, builds the explanation reply, estimate
 work is done, and picks the encoding.
 """
 import base64
+import dataclasses
 from datetime import datetime
 from typing import Any, Optional, Sequence
 
@@ -67,8 +68,9 @@ def classifier_prediction(logits: torch.Tensor, class_names: list[str]) -> dict[
     }
 
 
-def explanation(integral: PathIntegral, plan: ExplanationPlan, model_input: ModelInput, method: str, baseline: str) -> dict[str, Any]:
-    """Reply to an explanation: the integral, the prediction at the input, what was explained, IDG per mask."""
+def explanation(integral: PathIntegral, plan: ExplanationPlan, model_input: ModelInput, baseline: str) -> dict[str, Any]:
+    """Reply to an explanation: the integral, the prediction at the input, what was explained, IDG per mask, and
+    for a tolerance-driven explanation how its refinement ended."""
     payload: dict[str, Any] = {
         "integrated_grads": integral.integrated_grads,
         "step_sizes": integral.step_sizes.unsqueeze(1),
@@ -83,11 +85,13 @@ def explanation(integral: PathIntegral, plan: ExplanationPlan, model_input: Mode
         target_at_input=integral.target_at_input,
         target_at_baseline=integral.target_at_baseline,
         convergence_delta=integral.convergence_delta,
-        method=method,
+        method=integral.method,
         n_steps=len(integral.alphas),
         baseline=baseline,
         input_region=torch.tensor(model_input.region, dtype=torch.float64),
     )
+    if integral.refinement is not None:
+        payload["refinement"] = dataclasses.asdict(integral.refinement)
     if plan.integral_summary is not None:
         payload.update(plan.integral_summary(integral))
     if plan.groups is not None:
@@ -144,11 +148,14 @@ def _tensor_bytes(tensor: torch.Tensor, reply_type: str) -> float:
     return tensor.numel() * _BYTES_PER_VALUE[reply_type][kind]
 
 
-def estimate_explanation_bytes(plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str) -> tuple[float, float]:
+def estimate_explanation_bytes(
+    plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, hierarchy: bool = False
+) -> tuple[float, float]:
     """Estimated size of an explanation reply before it is computed: (total bytes, bytes per path step).
 
     The per-step part is the path tensors (2 x (C, h, w) float32 per step, with keep_path) and the
-    quadrature coefficients; the rest is IG (C, h, w), the prediction already made, and the IDG masks.
+    quadrature coefficients; the rest is IG (C, h, w), the prediction already made, the IDG masks and,
+    with an IDG hierarchy, its (h, w) label map.
     """
     per_value = _BYTES_PER_VALUE[reply_type]
     input_values = model_input.tensor[0].numel()
@@ -157,22 +164,26 @@ def estimate_explanation_bytes(plan: ExplanationPlan, model_input: ModelInput, n
     fixed += sum(_tensor_bytes(value, reply_type) for value in plan.prediction.values() if isinstance(value, torch.Tensor))
     if plan.groups is not None:
         fixed += _tensor_bytes(plan.groups, reply_type)
+    if hierarchy:
+        fixed += model_input.tensor[0, 0].numel() * per_value["float"]
     return fixed + n_steps * per_step, per_step
 
 
 def refuse_oversize_explanation(
-    plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, limit: int, seed_reply: bool, has_threshold: bool
+    plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, limit: int, seed_reply: bool,
+    has_threshold: bool, hierarchy: bool = False, steps_option: str = "n_steps",
 ) -> None:
-    """413 at once, before any gradient is computed, when the estimated reply is over `limit` bytes.
+    """413 at once, before any gradient is computed, when the estimated reply is over `limit` bytes; n_steps is
+    the most steps the request may use (its `steps_option`: n_steps, or max_steps of a tolerance).
     The message gives the hints that apply: fewer steps, return_path=false, gzip, or (where the model has a
     score threshold and the masks are a large part of the reply) a higher threshold."""
-    estimate, per_step = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type)
+    estimate, per_step = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type, hierarchy)
     if estimate <= limit:
         return
     hints = []
     fitting_steps = int((limit - (estimate - n_steps * per_step)) // per_step)
     if keep_path and fitting_steps >= 1:
-        hints.append(f"n_steps={fitting_steps} or fewer fits")
+        hints.append(f"{steps_option}={fitting_steps} or fewer fits")
     if keep_path:
         drop = "the seed reply's integrated_directional_grads and intermediates" if seed_reply else "the path gradients and intermediates"
         hints.append(f"\"return_path\": false drops {drop}")

@@ -17,12 +17,16 @@ import numpy as np
 from .. import values
 from ..decode import PixelLayout, decode_base64_image, decode_image_bytes, decode_pixel_lists
 from ..errors import RequestError
-from ..quadrature import METHODS
+from ..quadrature import ADAPTIVE_METHOD, ADAPTIVE_MIN_STEPS, METHODS
 from ..settings import BASELINES, Limits
 
 PAYLOAD_FIELDS = ("body", "data")
 SEED_IMAGE_FIELD = "img_data"
 NATIVE_IMAGE_FIELD = "image"
+PATH_OPTIONS = ("n_steps", "method", "tolerance", "max_steps", "baseline", "internal_batch_size", "return_path", "idg_hierarchy")
+"""The explanation options every archive accepts (the path integral's); each archive adds its own."""
+EXPLANATION_ONLY_OPTIONS = PATH_OPTIONS + ("target", "idg_grid", "region_reduction", "instance")
+"""Options that only change an explanation: a prediction request that sends one gets a 400, not silence."""
 TARGET_ALIAS = "target_class"  # the classifier seeds' name of `target`, accepted wherever `target` is
 
 
@@ -30,7 +34,10 @@ def option_checks(limits: Limits) -> dict[str, values.Check]:
     """Every option an archive may accept, with its check; each archive accepts a subset."""
     return {
         "n_steps": values.integer(1, limits.max_steps),
-        "method": values.choice(*METHODS),
+        "method": values.choice(*METHODS, ADAPTIVE_METHOD),
+        "tolerance": values.number(1e-6, 1.0),
+        "max_steps": values.integer(ADAPTIVE_MIN_STEPS, limits.max_steps),
+        "idg_hierarchy": values.integer(1, 1000),
         "target": values.class_reference,
         "baseline": values.choice(*BASELINES),
         "internal_batch_size": values.integer(1, limits.max_internal_batch_size),
@@ -117,6 +124,13 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(f"the request body is not valid JSON ({error})") from error
     except RecursionError:
         raise RequestError("the JSON request is nested too deeply to parse; an image is 3 levels of lists") from None
+
+
+def refuse_explanation_options(options: dict[str, Any]) -> None:
+    """A prediction ignores explanation options: refuse them rather than drop them silently."""
+    given = sorted(set(options) & set(EXPLANATION_ONLY_OPTIONS))
+    if given:
+        raise RequestError(f"option(s) {given} only apply to explanations; send them to /explanations/<model>, or leave them out of a prediction")
 
 
 def parse_options(raw: dict, accepted_options: tuple[str, ...], limits: Limits) -> dict[str, Any]:
