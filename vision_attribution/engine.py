@@ -199,15 +199,15 @@ class _Progress:
     def result(self) -> PathIntegral:
         rule = self.problem.rule
         alphas, weights = rule.final_rule()
-        integrated = self.difference.double() * self.slots.sum(0, keepdim=True).double()
+        integrated = (self.difference.double() * self.slots.sum(0, keepdim=True).double()).to(self.inputs.dtype)
         target_at_input, target_at_baseline = rule.endpoint_values[1.0], rule.endpoint_values[0.0]
         result = PathIntegral(
-            integrated_grads=integrated.to(self.inputs.dtype),
+            integrated_grads=integrated,
             alphas=alphas,
             step_sizes=weights,
             target_at_input=target_at_input,
             target_at_baseline=target_at_baseline,
-            convergence_delta=target_at_input - target_at_baseline - float(integrated.sum()),
+            convergence_delta=target_at_input - target_at_baseline - float(integrated.double().sum()),  # as the reply recomputes it
             method=rule.method,
         )
         if rule.refinement is not None:  # the error the reply shows: from the IG tensor itself
