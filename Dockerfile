@@ -4,21 +4,28 @@
 #   docker build --target cuda -t vision-attribution:cuda .           the same for GPU nodes (NVIDIA runtime)
 #   docker build --build-arg ARCHIVES="effnet" --build-arg BAKE_MODEL_STORE=true .
 #                                      also bake the .mar files in ./model_store (built with ./archive.sh)
-#   docker build --build-arg WITH_MMCV=true --build-arg EXTRAS=... .  for archives on mmdet (swin): mmcv's
+#   docker build --build-arg WITH_MMCV=true --build-arg EXTRAS=swin .  for archives on mmdet (swin): mmcv's
 #                                      wheel from the mmcv stage, EXTRAS = the project's extras they need
+#                                      (with either, the base stage adds the libraries opencv-python loads)
 # Run:
 #   docker run -p 8080:8080 -p 8081:8081 -p 8082:8082 vision-attribution:cpu
 #   docker run -v $PWD/model_store:/srv/vision-attribution/model-store:ro ...      mount a model store
 #   docker run -v $PWD/my.properties:/srv/vision-attribution/config/config.properties:ro ...
-# tools/rootfs-proof.sh runs these steps in a Debian bookworm root without Docker (see the README).
+# tools/rootfs_proof.py runs these steps in a Debian bookworm root without Docker (see the README).
 
 # Debian bookworm: it has openjdk-17 (trixie, today's python:3.11-slim, does not). Pinned to a patch release.
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS base
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
-RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+# opencv-python, which mmcv, mmengine and mmdet import (the swin extra), loads libGL and GLib, which the slim
+# image lacks: added when the image carries mmcv or the swin extra, in this stage, since both the archives
+# stage (archive.sh swin loads the model) and the runtime stage need them.
+ARG WITH_MMCV=false
+ARG EXTRAS=
+RUN case "$WITH_MMCV,$EXTRAS" in true,*|*swin*) opencv_libraries="libgl1 libglib2.0-0" ;; *) opencv_libraries= ;; esac \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini $opencv_libraries \
  && rm -rf /var/lib/apt/lists/*
 
 # The project and its runtime dependencies (not the test extra) in /opt/venv. The PyPI torch wheels carry

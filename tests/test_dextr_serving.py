@@ -115,7 +115,8 @@ def test_the_trained_checkpoint_serves_what_training_measured(server, trained):
 
 def torchvision_resnet101_state_dict() -> dict[str, torch.Tensor]:
     """torchvision's resnet101 key names and shapes with values no initialisation gives (so that the weights found
-    after training can only have come from this file)."""
+    after training can only have come from this file), scaled as trained weights are (fan-in scaled filters,
+    BatchNorm scales near 1)."""
     from torchvision.models import resnet101
 
     generator = torch.Generator().manual_seed(11)
@@ -123,10 +124,12 @@ def torchvision_resnet101_state_dict() -> dict[str, torch.Tensor]:
     for name, tensor in resnet101(weights=None).state_dict().items():
         if not tensor.is_floating_point():
             state[name] = tensor
-        elif name.endswith("running_var"):
+        elif tensor.dim() > 1:
+            state[name] = torch.randn(tensor.shape, generator=generator) / tensor[0].numel() ** 0.5
+        elif name.endswith("running_var") or name.endswith("weight"):
             state[name] = torch.rand(tensor.shape, generator=generator) + 0.5
         else:
-            state[name] = torch.randn(tensor.shape, generator=generator) * 0.02 + 0.001
+            state[name] = torch.randn(tensor.shape, generator=generator) * 0.05
     return state
 
 
@@ -139,7 +142,8 @@ def test_training_starts_from_the_given_weights(tmp_path, start):
         given = torchvision_resnet101_state_dict()
         torch.save(given, tmp_path / "resnet101-63fe2227.pth")
         options = [start, str(tmp_path / "resnet101-63fe2227.pth"), "--crop-size", "64"]
-        expected = {f"base_model.{name}": value for name, value in given.items() if name in dict(new_network().base_model.named_parameters())}
+        encoder = dict(new_network().base_model.named_parameters())
+        expected = {f"base_model.{name}": value for name, value in given.items() if name in encoder}
     else:  # the published format, a whole pickled DextrModel, its random weights moved off any initialisation
         from dextr.model import DextrModel
 

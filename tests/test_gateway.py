@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint, write_tensormask_checkpoint
+from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint, write_swin_fork_checkpoint, write_tensormask_checkpoint
 from test_serving_classifiers import SEED_JSON, seed_client_read
+from test_serving_swin import USER_CONFIG as SMALL_SWIN_CONFIG
 from test_tensormask_model import BASE_TENSORMASK_YAML
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config
 from vision_attribution.gateway.server import UploadLimit, max_app
@@ -92,11 +93,13 @@ def stack(tmp_path_factory):
     configs.mkdir()
     (configs / "Base-TensorMask.yaml").write_text(BASE_TENSORMASK_YAML)
     (configs / "tensormask_small.yaml").write_text(SMALL_TENSORMASK_YAML)
+    (configs / "swin_small.py").write_text(SMALL_SWIN_CONFIG)  # mmdet's test resize to 192x128: a CPU test stays fast
     archives = {
         "deeplab": (deeplab_checkpoint, ["--model-type", "mobile"]),
         "bit": (write_bit_checkpoint(workdir / "bit.pth.tar"), []),
         "lanet": (write_lanet_checkpoint(workdir / "top1.pt"), []),
         "tensormask": (write_tensormask_checkpoint(workdir / "model_final.pth"), ["--config", str(configs / "tensormask_small.yaml")]),
+        "swin": (write_swin_fork_checkpoint(workdir / "cascade_mask_rcnn_swin_tiny_patch4_window7.pth"), ["--config", str(configs / "swin_small.py")]),
     }
     for name, (checkpoint, options) in archives.items():
         config = shipped_model_config(name)
@@ -105,7 +108,7 @@ def stack(tmp_path_factory):
             config["attribution"]["n_steps"] = SEED_STEPS
         build_archive(name, store, config, checkpoint, options)
     with TorchServe(workdir, store, list(archives)) as torchserve:
-        seeds = {"bit": free_port(), "lanet": free_port(), "tensormask": free_port()}
+        seeds = {"bit": free_port(), "lanet": free_port(), "tensormask": free_port(), "swin": free_port()}
         gateway = Gateway(workdir, torchserve.inference, workdir / "key_file.json", seeds, "--max-upload-mb", str(UPLOAD_LIMIT_MB))
         try:
             yield Stack(torchserve, gateway, deeplab_checkpoint)
@@ -257,6 +260,7 @@ def test_deeplab_explanation_idg_per_predicted_class(stack):
         ("bit", ["cat", "input_json_file.json"], "explanations"),
         ("lanet", ["cat", "input_json_file.json"], "explanations"),
         ("tensormask", ["input_json_file.json", "--layout", "chw-bgr"], "predictions"),
+        ("swin", ["input_json_file.json", "--layout", "hwc-bgr"], "predictions"),
     ],
 )
 def test_seed_curl_line_through_the_gateway(stack, tmp_path, seed, prepare, api):

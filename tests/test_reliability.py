@@ -479,48 +479,107 @@ def test_scaling_workers_up_and_down_under_load_fails_no_request(server):
     print(f"{len(replies)} requests served while scaling 1 -> 2 -> 1 workers; {len(lost)} lost by the scale-down and sent again")
 
 
+LOST = {"code": 507, "type": "InternalServerException", "message": "Worker died."}
+SCALED_DOWN = {"code": 500, "type": "InternalServerException", "message": "Worker scaled down."}
+HANDLER_ERROR = {"error": "internal error while serving this request", "request_id": "x"}
+RESEND_CASES = [  # (TorchServe's scripted replies, retries, the status the caller gets, requests TorchServe receives)
+    ([(507, LOST), (200, {"ok": 1})], 1, 200, 2),
+    ([(500, SCALED_DOWN), (200, {"ok": 1})], 1, 200, 2),
+    ([(500, {**LOST, "code": 500}), (200, {"ok": 1})], 1, 200, 2),
+    ([(507, LOST), (507, LOST)], 1, 507, 2),
+    ([(507, LOST)], 0, 507, 1),
+    ([(500, HANDLER_ERROR)], 1, 500, 1),
+    ([(400, {"error": "bad"})], 1, 400, 1),
+]
+
+
+class ScriptedTorchServe:
+    """A stand-in for TorchServe's inference API answering POSTs with scripted (status, JSON) replies, in order;
+    records the bodies it received. The exact form of the worker-loss replies is checked against a real
+    TorchServe above."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.script: list[tuple[int, dict]] = []
+        self.received: list[bytes] = []
+        scripted = self
+
+        class Scripted(BaseHTTPRequestHandler):
+            def do_POST(self):
+                scripted.received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                status, body = scripted.script.pop(0)
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def play(self, script: list[tuple[int, dict]]) -> None:
+        self.script[:], self.received[:] = script, []
+
+
 def test_the_client_sends_again_only_what_torchserve_lost_with_its_worker():
-    """client.post resends TorchServe's own worker-loss replies (their exact form is checked against a real
-    TorchServe above) and nothing else: not the handler's errors, not a 4xx."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """client.post resends TorchServe's own worker-loss replies and nothing else: not the handler's errors, not a 4xx."""
+    with ScriptedTorchServe() as fake:
+        for script, retries, status, sent in RESEND_CASES:
+            fake.play(script)
+            assert client.post(f"{fake.url}/predictions/lanet", retries, data=b"image", timeout=10).status_code == status
+            assert fake.received == [b"image"] * sent
 
-    scripted: list[tuple[int, dict]] = []
-    received: list[bytes] = []
 
-    class Scripted(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            status, body = scripted.pop(0)
-            payload = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+def test_the_bridges_send_again_only_what_torchserve_lost_with_its_worker():
+    """The DEXTR bridges' endpoint (dextr-redis, dextr-poll) resends as the client does."""
+    from vision_attribution.bridges.endpoint import PredictionEndpoint
 
-        def log_message(self, *args):
-            pass
+    document = {"image": "aW1hZ2U=", "points": [[1, 2], [3, 4], [5, 6], [7, 8]]}
+    with ScriptedTorchServe() as fake:
+        for script, retries, status, sent in RESEND_CASES:
+            fake.play(script)
+            reply = PredictionEndpoint(fake.url, "dextr", "key", timeout=10, retries=retries).predict(document)
+            assert reply.status == status and json.loads(reply.body) == script[sent - 1][1]
+            assert [json.loads(body) for body in fake.received] == [document] * sent
 
-    lost = {"code": 507, "type": "InternalServerException", "message": "Worker died."}
-    scaled_down = {"code": 500, "type": "InternalServerException", "message": "Worker scaled down."}
-    handler_error = {"error": "internal error while serving this request", "request_id": "x"}
-    with ThreadingHTTPServer(("127.0.0.1", 0), Scripted) as fake:
-        threading.Thread(target=fake.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{fake.server_address[1]}/predictions/lanet"
+
+def test_the_gateway_sends_again_only_what_torchserve_lost_with_its_worker(tmp_path):
+    """The gateway's TorchServe client resends as the client does; the reply it passes on is the last one."""
+    import asyncio
+
+    from vision_attribution.gateway.torchserve import InferenceKey, TorchServeClient
+
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "inference-key"}}))
+
+    async def through_the_gateway(url: str, retries: int) -> tuple[int, bytes]:
+        torchserve = TorchServeClient(url, InferenceKey(tmp_path / "key_file.json", None), timeout=10, retries=retries)
         try:
-            for script, retries, status, sent in [
-                ([(507, lost), (200, {"ok": 1})], 1, 200, 2),
-                ([(500, scaled_down), (200, {"ok": 1})], 1, 200, 2),
-                ([(507, lost), (507, lost)], 1, 507, 2),
-                ([(507, lost)], 0, 507, 1),
-                ([(500, handler_error)], 1, 500, 1),
-                ([(400, {"error": "bad"})], 1, 400, 1),
-            ]:
-                scripted[:], received[:] = script, []
-                assert client.post(url, retries, data=b"image", timeout=10).status_code == status
-                assert received == [b"image"] * sent
+            reply = await torchserve.post("/predictions/bit", b'{"img_data": [[[0, 0, 0]]]}', {"content-type": "application/json"})
+            if hasattr(reply, "body_iterator"):  # a streamed 200
+                return reply.status_code, b"".join([chunk async for chunk in reply.body_iterator])
+            return reply.status_code, reply.body
         finally:
-            fake.shutdown()
+            await torchserve.close()
+
+    with ScriptedTorchServe() as fake:
+        for script, retries, status, sent in RESEND_CASES:
+            fake.play(script)
+            got_status, body = asyncio.run(through_the_gateway(fake.url, retries))
+            assert got_status == status and json.loads(body) == script[sent - 1][1]
+            assert fake.received == [b'{"img_data": [[[0, 0, 0]]]}'] * sent
 
 
 # Access ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import requests
 
 from .decode import decode_image_bytes
 from .gateway import server as gateway_server
+from .worker_loss import WORKER_LOSS_MESSAGES, is_worker_loss  # noqa: F401 - WORKER_LOSS_MESSAGES: the client's name for it
 
 DEXTR_COMMANDS = (
     ("dextr-redis", "vision_attribution.bridges.redis_channel", "the DEXTR seed's Redis mode, in front of TorchServe"),
@@ -28,7 +29,6 @@ DEXTR_COMMANDS = (
     ("dextr-train", "vision_attribution.training.dextr", "train or fine-tune DEXTR on images with instance masks"),
 )
 LAYOUTS = {"hwc-rgb": (False, False), "hwc-bgr": (False, True), "chw-bgr": (True, True)}
-WORKER_LOSS_MESSAGES = ("Worker died.", "Worker scaled down.")  # TorchServe's own replies when it loses a worker
 
 
 def prepare(image_path: Path, target_class, out: Path, layout: str = "hwc-rgb") -> None:
@@ -53,13 +53,8 @@ def read_token(token_file: Path | None, api: str = "inference") -> str | None:
 
 def lost_with_its_worker(reply: requests.Response) -> bool:
     """Whether TorchServe itself failed the request because the worker serving it died (killed, out of memory) or
-    was scaled down: its own JSON {"code", "type", "message"}, not the handler's {"error"}."""
-    if reply.status_code not in (500, 507):
-        return False
-    try:
-        return reply.json().get("message") in WORKER_LOSS_MESSAGES
-    except ValueError:
-        return False
+    was scaled down: its own JSON {"code", "type", "message"}, not the handler's {"error"} (worker_loss.py)."""
+    return is_worker_loss(reply.status_code, reply.content)
 
 
 def post(url: str, retries: int = 1, **kwargs) -> requests.Response:

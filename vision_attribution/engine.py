@@ -145,10 +145,6 @@ class _Progress:
                 self.slots[slot] *= factor
 
     @property
-    def finished(self) -> bool:
-        return self.round is None
-
-    @property
     def pending(self) -> int:
         return 0 if self.round is None else len(self.round.alphas) - self.next_row
 

@@ -67,7 +67,7 @@ ATTRIBUTION_SETTINGS: dict[str, Setting] = {
     "method": Setting(values.choice(*METHODS), "gausslegendre", "quadrature rule of fixed-step explanations"),
     "tolerance": Setting(values.optional(values.number(1e-6, 1.0)), None,
                          "default relative completeness tolerance (adaptive rule); null: n_steps of `method`"),
-    "tolerance_max_steps": Setting(values.integer(ADAPTIVE_MIN_STEPS, 100_000), 257, "default max_steps of a tolerance-driven explanation"),
+    "tolerance_max_steps": Setting(values.integer(ADAPTIVE_MIN_STEPS, 100_000), 257, "default max_steps of a tolerance-driven explanation (at most max_steps)"),
     "internal_batch_size": Setting(values.integer(1, 100_000), 16, "path points per forward/backward chunk"),
     "baseline": Setting(values.choice(*BASELINES), "zeros", "the path's starting point"),
     "return_path": Setting(values.boolean, False, "also return the path gradients and path points"),
@@ -113,8 +113,11 @@ def read_model_config(config: Mapping | None, model_settings: Mapping[str, Setti
             f"model-config has unknown top-level key(s) {unknown}; allowed are TorchServe's keys "
             f"{sorted(TORCHSERVE_KEYS)} and the sections 'attribution' and 'model'"
         )
-    raw = read_section(_section(config, "attribution"), ATTRIBUTION_SETTINGS, "attribution")
+    section = _section(config, "attribution")
+    raw = read_section(section, ATTRIBUTION_SETTINGS, "attribution")
     limits = Limits(**{key: raw.pop(key) for key in Limits.__dataclass_fields__})
+    if "tolerance_max_steps" not in section:  # the default follows a lower max_steps
+        raw["tolerance_max_steps"] = min(raw["tolerance_max_steps"], limits.max_steps)
     attribution = AttributionSettings(limits=limits, **raw)
     if attribution.n_steps > limits.max_steps:
         raise ConfigError(f"model-config 'attribution.n_steps' ({attribution.n_steps}) is over 'attribution.max_steps' ({limits.max_steps})")

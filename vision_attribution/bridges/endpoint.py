@@ -7,6 +7,7 @@ from typing import Optional
 
 import requests
 
+from ..worker_loss import is_worker_loss
 
 UNAVAILABLE_STATUSES = (502, 503, 504)  # TorchServe has no worker or queue room now: retrying later may succeed
 
@@ -36,20 +37,26 @@ class EndpointReply:
 
 
 class PredictionEndpoint:
-    """TorchServe's /predictions/{model}; `token` is the inference key (key_file.json), or None without token auth."""
+    """TorchServe's /predictions/{model}; `token` is the inference key (key_file.json), or None without token auth.
+    A request TorchServe lost with its worker (worker_loss.py) is sent again, at most `retries` times."""
 
-    def __init__(self, url: str, model: str, token: Optional[str], timeout: float):
+    def __init__(self, url: str, model: str, token: Optional[str], timeout: float, retries: int = 1):
         self.url = f"{url.rstrip('/')}/predictions/{model}"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
+        self.retries = retries
 
     def predict(self, document: dict, accept: str = "application/json") -> EndpointReply:
         """POST `document` as JSON; any answer is returned, EndpointUnavailable when there is none to be had now."""
         headers = {**self.headers, "Content-Type": "application/json", "Accept": accept}
-        try:
-            reply = requests.post(self.url, data=json.dumps(document), headers=headers, timeout=self.timeout)
-        except requests.RequestException as error:
-            raise EndpointUnavailable(f"TorchServe at {self.url} did not answer: {error}") from error
+        body = json.dumps(document)
+        for attempt in range(self.retries + 1):
+            try:
+                reply = requests.post(self.url, data=body, headers=headers, timeout=self.timeout)
+            except requests.RequestException as error:
+                raise EndpointUnavailable(f"TorchServe at {self.url} did not answer: {error}") from error
+            if attempt == self.retries or not is_worker_loss(reply.status_code, reply.content):
+                break
         if reply.status_code in UNAVAILABLE_STATUSES:
             message = EndpointReply(reply.status_code, reply.content).error_message()
             raise EndpointUnavailable(f"TorchServe at {self.url} answered {reply.status_code}: {message}", reply.status_code)

@@ -16,6 +16,8 @@ from typing import AsyncIterator, Optional
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..worker_loss import is_worker_loss
+
 log = logging.getLogger(__name__)
 
 RENEW_BEFORE = timedelta(seconds=30)
@@ -88,12 +90,14 @@ class InferenceKey:
 
 
 class TorchServeClient:
-    """POSTs to TorchServe's inference API with the token; every call has connect, read and write timeouts."""
+    """POSTs to TorchServe's inference API with the token; every call has connect, read and write timeouts. A
+    request TorchServe lost with its worker (worker_loss.py) is sent again, at most `retries` times."""
 
-    def __init__(self, inference_url: str, key: InferenceKey, timeout: float, connect_timeout: float = 5.0):
+    def __init__(self, inference_url: str, key: InferenceKey, timeout: float, connect_timeout: float = 5.0, retries: int = 1):
         self.inference_url = inference_url.rstrip("/")
         self.key = key
         self.timeout = timeout
+        self.retries = retries
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=connect_timeout), limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
     async def close(self) -> None:
@@ -101,21 +105,25 @@ class TorchServeClient:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """POST `body` to TorchServe at `path`; its reply (status, type, body) streams through unchanged."""
-        try:
-            upstream = await self._send(path, body, headers)
-        except GatewayError as error:
-            return JSONResponse({"error": error.reason}, status_code=error.status)
-        passed = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
-        if upstream.status_code < 400:
-            return StreamingResponse(self._relay(upstream), status_code=upstream.status_code, headers=passed)
-        try:  # errors are small JSON documents
-            body = await upstream.aread()
-        finally:
-            await upstream.aclose()
-        if upstream.status_code == 400 and self._is_key_refusal(body):
+        for attempt in range(self.retries + 1):
+            try:
+                upstream = await self._send(path, body, headers)
+            except GatewayError as error:
+                return JSONResponse({"error": error.reason}, status_code=error.status)
+            passed = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
+            if upstream.status_code < 400:
+                return StreamingResponse(self._relay(upstream), status_code=upstream.status_code, headers=passed)
+            try:  # errors are small JSON documents
+                reply_body = await upstream.aread()
+            finally:
+                await upstream.aclose()
+            if attempt == self.retries or not is_worker_loss(upstream.status_code, reply_body):
+                break
+            log.warning("TorchServe lost %s with its worker (%s %s): sending it again", path, upstream.status_code, reply_body[:200])
+        if upstream.status_code == 400 and self._is_key_refusal(reply_body):
             reason = f"TorchServe refused the gateway's inference key, read from {self.key.key_file}: is it the key_file.json of the TorchServe at {self.inference_url}?"
             return JSONResponse({"error": reason}, status_code=503)
-        return Response(body, status_code=upstream.status_code, headers=passed)
+        return Response(reply_body, status_code=upstream.status_code, headers=passed)
 
     async def _send(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         headers = {**headers, "Authorization": f"Bearer {await self.key.current(self.http)}"}
