@@ -41,9 +41,9 @@ done
 client="$bin/vision-attribution"
 "$client" send http://127.0.0.1:8080/predictions/effnet "$photo" "$out/effnet_prediction.json"
 "$bin/python" -c 'import json, sys; print("effnet top-5:", ", ".join("%s %.2f" % (t["name"], t["probability"]) for t in json.load(open(sys.argv[1]))["top5"]))' "$out/effnet_prediction.json"
-"$client" send http://127.0.0.1:8080/explanations/effnet "$photo" "$out/effnet_explanation.gz" --field n_steps=32
+"$client" send http://127.0.0.1:8080/explanations/effnet "$photo" "$out/effnet_explanation.gz"
 "$client" render "$out/effnet_explanation.gz" "$photo" "$out/effnet_explanation.png"
 "$client" send http://127.0.0.1:8080/predictions/selfie "$photo" "$out/selfie_mask.png" --accept image/png
-"$client" send http://127.0.0.1:8080/explanations/selfie "$photo" "$out/selfie_explanation.gz" --field n_steps=32
+"$client" send http://127.0.0.1:8080/explanations/selfie "$photo" "$out/selfie_explanation.gz" --field idg_hierarchy=40
 "$client" render "$out/selfie_explanation.gz" "$photo" "$out/selfie_explanation.png"
 echo "wrote to $out/: effnet_prediction.json, effnet_explanation.{gz,png}, selfie_mask.png, selfie_explanation.{gz,png}"
