@@ -229,7 +229,7 @@ def test_an_oversize_explanation_is_refused_before_any_gradient_is_computed(serv
     def no_integration(*args, **kwargs):
         raise AssertionError("the engine ran although the reply could not be sent")
 
-    monkeypatch.setattr(service_module, "integrate_path", no_integration)
+    monkeypatch.setattr(service_module, "integrate_paths", no_integration)
     service = services["lanet"]
     monkeypatch.setattr(service, "settings", dataclasses.replace(service.settings, max_response_bytes=20_000_000))
     request = {"img_data": np.asarray(photos.coffee()[::16, ::16]).tolist(), "target_class": "cat", "n_steps": 1000}

@@ -102,7 +102,8 @@ def test_memory_of_a_refinement_does_not_grow_with_its_steps():
     runs = [subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(n)], capture_output=True, text=True, check=True).stdout.split() for n in (64, 1024)]
     (few_steps, few_bytes), (many_steps, many_bytes) = [(int(steps), int(peak)) for steps, peak in runs]
     assert few_steps <= 64 and many_steps > 700  # the tolerance is never met: both run to (about) max_steps
-    assert int(many_bytes) - int(few_bytes) < 32 * 2**20  # keeping 700 more gradients of 196 KiB would add ~130 MiB
+    # Peaks vary by +-25 MiB from run to run here (the allocator); keeping the ~950 more gradients of 196 KiB would add ~180 MiB.
+    assert int(many_bytes) - int(few_bytes) < 64 * 2**20
 
 
 def small_segmenter() -> torch.nn.Module:

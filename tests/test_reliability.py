@@ -354,7 +354,8 @@ def concurrent_jobs() -> list[Job]:
 def same_answer(answer, reference) -> bool:
     if isinstance(reference, str) or isinstance(answer, str):
         return isinstance(reference, str) and isinstance(answer, str) and answer == reference
-    return answer.shape == reference.shape and np.allclose(answer, reference, rtol=1e-3, atol=1e-4)
+    scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0  # float32 noise of a shared chunk scales with the values
+    return answer.shape == reference.shape and np.allclose(answer, reference, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_sixteen_concurrent_clients_each_get_the_reply_to_their_own_request(server):

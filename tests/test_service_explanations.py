@@ -110,6 +110,9 @@ def test_explanation_options_on_a_prediction_are_refused_not_ignored(effnet):
     request = IncomingRequest(fields={"body": json.dumps({"image": photo("coffee"), "n_steps": 20, "return_path": True}).encode()})
     reply = effnet.handle_batch([request])[0]
     assert reply.status == 400 and "['n_steps', 'return_path'] only apply to explanations" in json.loads(reply.body)["error"]
+    targeted = effnet.handle_batch([IncomingRequest(fields={"body": json.dumps({"image": photo("coffee"), "target_class": "cup"}).encode()})])[0]
+    prediction = json.loads(targeted.body)
+    assert prediction["target_class"] == imagenet_classes().index("cup") and 0 < prediction["target_probability"] < 1
 
 
 def test_an_archive_default_tolerance_applies_unless_the_request_asks_for_steps(effnet):

@@ -108,7 +108,7 @@ class AttributionService:
                         replies.negotiate_reply_type(request.header("accept"), "gzip", replies.EXPLANATION_TYPES))
                     explanations.append(self._plan_explanation(position, request, parsed, reply_type))
                 else:
-                    refuse_explanation_options(parsed.options)
+                    refuse_explanation_options(parsed.options, getattr(self.adapter, "predicts_targets", False))
                     types = self.adapter.prediction_types
                     default = "gzip" if parsed.seed_format and "gzip" in types else types[0]
                     reply_type = "kserve_v2" if request.kserve_v2_inputs is not None else (

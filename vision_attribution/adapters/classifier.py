@@ -23,6 +23,7 @@ class ClassifierAdapter(FixedSizeInput):
     """Serves a classifier whose `logits_of(x)` maps (B, 3, h, w) normalised input to (B, K) logits."""
 
     seed_explanation_keys = SEED_CLASSIFIER_EXPLANATION_KEYS
+    predicts_targets = True  # a prediction with a `target` reports that class's index and probability
     options = PATH_OPTIONS + ("target", "idg_grid")
     prediction_types = ("json", "gzip", "npz")
 
@@ -49,7 +50,12 @@ class ClassifierAdapter(FixedSizeInput):
     @torch.no_grad()
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
         logits = self.logits_of(torch.cat([item.tensor for item in inputs])).float()
-        return [classifier_prediction(row, self.class_names) for row in logits]
+        predictions = [classifier_prediction(row, self.class_names) for row in logits]
+        for prediction, item_options in zip(predictions, options):
+            if "target" in item_options:
+                index = class_by_name_or_index(item_options["target"], self.class_names)
+                prediction.update(target_class=index, target_probability=float(prediction["probabilities"][0, index]))
+        return predictions
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan:
         with torch.no_grad():

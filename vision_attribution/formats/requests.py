@@ -126,9 +126,10 @@ def parse_json(body: bytes) -> Any:
         raise RequestError("the JSON request is nested too deeply to parse; an image is 3 levels of lists") from None
 
 
-def refuse_explanation_options(options: dict[str, Any]) -> None:
-    """A prediction ignores explanation options: refuse them rather than drop them silently."""
-    given = sorted(set(options) & set(EXPLANATION_ONLY_OPTIONS))
+def refuse_explanation_options(options: dict[str, Any], predicts_targets: bool = False) -> None:
+    """A prediction ignores explanation options: refuse them rather than drop them silently. A classifier's
+    prediction reports its `target` (the classifier seeds send target_class with every request)."""
+    given = sorted(set(options) & set(EXPLANATION_ONLY_OPTIONS) - ({"target"} if predicts_targets else set()))
     if given:
         raise RequestError(f"option(s) {given} only apply to explanations; send them to /explanations/<model>, or leave them out of a prediction")
 
