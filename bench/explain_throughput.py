@@ -111,7 +111,8 @@ def main():
                     for archive in pair if round_index % 2 == 0 else pair[::-1]:
                         rates[archive].append(rate(archive, args.requests))
                 alone = {body: integrated_grads(content) for body, content in replies[pair[1]]}
-                difference = max(float((integrated_grads(content) - alone[body]).abs().max() / alone[body].abs().max()) for body, content in replies[pair[0]])
+                difference = max(float((integrated_grads(content) - alone[body]).abs().max()) for body, content in replies[pair[0]])
+                scale = max(float(values.abs().max()) for values in alone.values())
                 anchor = statistics.median(rates[pair[1]])
                 config = shipped_model_config(model)["attribution"]
                 print(f"\n{model}: {args.requests} explanations per round ({args.lanet_steps if model == 'lanet' else args.effnet_steps} steps, "
@@ -120,7 +121,7 @@ def main():
                             [[archive, f"{statistics.median(rates[archive]):.3f}", "/".join(f"{r:.3f}" for r in rates[archive]),
                               f"{statistics.median(rates[archive]) / anchor:.2f}"] for archive in pair])
                 print(f"{model}: batchSize 8 / batchSize 1 = {statistics.median(rates[pair[0]]) / anchor:.2f}x; "
-                      f"max |IG batched - IG alone| / max |IG| = {difference:.1e}")
+                      f"max |IG batched - IG alone| = {difference:.1e} (max |IG| {scale:.1e})")
 
 
 if __name__ == "__main__":

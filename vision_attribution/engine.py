@@ -16,8 +16,8 @@ chunk plus one input-sized accumulator per slot of the rule, whatever the number
 kept). On the CPU, path points are laid out channels-last, which oneDNN's convolutions run faster.
 
 Several explanations whose targets share one model forward (PathTarget.forward, the same object) and one
-input shape share chunks: each contributes up to its own internal_batch_size points to every chunk, and its
-result equals the one it gets alone.
+input shape share chunks: a chunk holds at most the largest internal_batch_size among them (so memory is that
+of one explanation), filled with the points of one after the other, and each result equals the one it gets alone.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -232,8 +232,8 @@ def integrate_paths(problems: list[PathProblem]) -> list[PathIntegral]:
 
 def _run_chunks(family: list["_Progress"]) -> None:
     """Evaluate chunks until every problem of the family is finished. Rows evaluated for F only go first, all
-    problems' together, in one forward without gradients; then each active problem contributes up to its
-    internal_batch_size points to each chunk of forward and backward."""
+    problems' together, in one forward without gradients; then chunks of forward and backward hold at most the
+    largest internal_batch_size of the active problems, each problem bringing up to its own."""
     forward = family[0].problem.target.forward
     while True:
         evaluations = [(state, state.take(state.pending_evaluations)) for state in family if state.pending_evaluations > 0]
@@ -244,9 +244,15 @@ def _run_chunks(family: list["_Progress"]) -> None:
             for (state, rows), values in zip(evaluations, targets):
                 state.absorb(rows, values, None, points)
             continue
-        parts = [(state, state.take(min(state.pending, state.problem.internal_batch_size))) for state in family if state.pending > 0]
-        if not parts:
+        active = [state for state in family if state.pending > 0]
+        if not active:
             return
+        room, parts = max(state.problem.internal_batch_size for state in active), []
+        for state in active:
+            count = min(state.pending, state.problem.internal_batch_size, room)
+            if count > 0:
+                parts.append((state, state.take(count)))
+                room -= count
         points = torch.cat([state.points(rows) for state, rows in parts])
         if points.device.type == "cpu":
             points = points.contiguous(memory_format=torch.channels_last)
