@@ -30,7 +30,7 @@ from timing import print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config  # noqa: E402
-from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding  # noqa: E402
+from tolerance import calibrated_lanet  # noqa: E402
 
 CLIENT_THREADS = 16
 BATCH_SIZES = (8, 1)
@@ -38,8 +38,7 @@ PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera")
 
 
 def lanet_checkpoint(workdir: Path) -> Path:
-    torch.manual_seed(0)
-    network = NetworkCIFAR(128, 10, 24, True, decode_lanet_encoding(LANET_NET_ENCODING))
+    network = calibrated_lanet()
     path = workdir / "top1.pt"
     torch.save({"model_state_dict": network.state_dict(), "epoch": 0}, path)
     return path

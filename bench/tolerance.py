@@ -60,9 +60,23 @@ def selfie(download: bool):
     return SemanticSegmenterAdapter(two_class_logits, selfie_archive.CLASS_NAMES, (SELFIE_SIZE, SELFIE_SIZE), (0, 0, 0), (1, 1, 1), CPU, binary=True), photos.astronaut()
 
 
-def lanet():
+def calibrated_lanet() -> NetworkCIFAR:
+    """Random LaNet weights with BatchNorm statistics measured on random images: with the initial statistics
+    (mean 0, variance 1) activations overflow through 24 cells and every output is NaN."""
     torch.manual_seed(0)
-    network = NetworkCIFAR(128, 10, 24, True, decode_lanet_encoding(LANET_NET_ENCODING)).eval().requires_grad_(False)
+    network = NetworkCIFAR(128, 10, 24, True, decode_lanet_encoding(LANET_NET_ENCODING))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the calibration batches
+    network.train()
+    with torch.no_grad():
+        for _ in range(2):
+            network(torch.randn(16, 3, 32, 32))
+    return network.eval().requires_grad_(False)
+
+
+def lanet():
+    network = calibrated_lanet()
     return ClassifierAdapter(lambda images: network(images)[0], CIFAR10_CLASSES, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CPU), photos.chelsea()
 
 
