@@ -104,18 +104,23 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
                             torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval().requires_grad_(False)
 x = torch.rand(1, 3, 128, 128)
-integrate_path(lambda p: model(p)[:, 0], x, torch.zeros_like(x), n_steps=int(sys.argv[1]), internal_batch_size=8,
-               keep_path=sys.argv[2] == "keep")
-print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+steps = dict(tolerance=1e-15, max_steps=int(sys.argv[1])) if sys.argv[2] == "tolerance" else dict(n_steps=int(sys.argv[1]))
+result = integrate_path(lambda p: model(p)[:, 0], x, torch.zeros_like(x), internal_batch_size=8, keep_path=sys.argv[2] == "keep", **steps)
+print(len(result.alphas), next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
+def peak_rss_run(n_steps: int, mode: str = "drop") -> tuple[int, int]:
+    """(steps used, peak resident memory) of a fresh process that runs one integration (tensors of 196 KiB per
+    path point; VmHWM: unlike ru_maxrss it does not inherit the parent's peak across exec). mode: drop or keep
+    the path, or "tolerance": an unreachable tolerance refined up to n_steps."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(n_steps), mode], capture_output=True, text=True, check=True)
+    steps, peak = done.stdout.split()
+    return int(steps), int(peak)
+
+
 def peak_rss_bytes(n_steps: int, keep_path: bool = False) -> int:
-    """Peak resident memory (VmHWM: unlike ru_maxrss it does not inherit the parent's peak across exec)
-    of a fresh process that runs one integration (tensors of 196 KiB per path point)."""
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(n_steps), "keep" if keep_path else "drop"],
-                          capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1])
+    return peak_rss_run(n_steps, "keep" if keep_path else "drop")[1]
 
 
 def test_memory_per_chunk_does_not_depend_on_n_steps():

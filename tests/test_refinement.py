@@ -1,10 +1,8 @@
 """Explanations to a requested accuracy (the adaptive rule) and several explanations sharing chunks."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from test_engine import peak_rss_run
 from vision_attribution.engine import PathProblem, PathTarget, integrate_path, integrate_paths, make_rule
 from vision_attribution.quadrature import ADAPTIVE_MIN_STEPS, AdaptiveRule
 
@@ -85,22 +83,8 @@ def test_refinement_goes_where_the_integrand_is_steep():
     assert steep > 10 * flat
 
 
-PEAK_RSS_SCRIPT = """
-import sys, torch
-from vision_attribution.engine import integrate_path
-torch.set_num_threads(1)
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
-                            torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval().requires_grad_(False)
-x = torch.rand(1, 3, 128, 128)
-result = integrate_path(lambda p: model(p)[:, 0], x, torch.zeros_like(x), tolerance=1e-15, max_steps=int(sys.argv[1]), internal_batch_size=8)
-print(len(result.alphas), next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
-"""
-
-
 def test_memory_of_a_refinement_does_not_grow_with_its_steps():
-    runs = [subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(n)], capture_output=True, text=True, check=True).stdout.split() for n in (64, 1024)]
-    (few_steps, few_bytes), (many_steps, many_bytes) = [(int(steps), int(peak)) for steps, peak in runs]
+    (few_steps, few_bytes), (many_steps, many_bytes) = peak_rss_run(64, "tolerance"), peak_rss_run(1024, "tolerance")
     assert few_steps <= 64 and many_steps > 700  # the tolerance is never met: both run to (about) max_steps
     # Peaks vary by +-25 MiB from run to run here (the allocator); keeping the ~950 more gradients of 196 KiB would add ~180 MiB.
     assert int(many_bytes) - int(few_bytes) < 64 * 2**20
