@@ -11,7 +11,7 @@
 #   docker run -p 8080:8080 -p 8081:8081 -p 8082:8082 vision-attribution:cpu
 #   docker run -v $PWD/model_store:/srv/vision-attribution/model-store:ro ...      mount a model store
 #   docker run -v $PWD/my.properties:/srv/vision-attribution/config/config.properties:ro ...
-# tools/rootfs_proof.py runs these steps in a Debian bookworm root without Docker (see the README).
+# tools/rootfs_proof.py runs these steps in a Debian bookworm root without Docker (see docs/deployment.md, "Verified without Docker").
 
 # Debian bookworm: it has openjdk-17 (trixie, today's python:3.11-slim, does not). Pinned to a patch release.
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
@@ -90,7 +90,7 @@ RUN mkdir -p logs tmp
 EXPOSE 8080 8081 8082
 # Ready = every model's workers READY (TorchServe's /ping says Healthy before they load).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-    CMD ["python", "-m", "vision_attribution.readiness"]
+    CMD ["python", "-m", "vision_attribution.clients.readiness"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/vision-attribution-serve"]
 
 # GPU nodes: the same image, asking the NVIDIA container runtime for the GPUs and their compute libraries.

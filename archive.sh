@@ -16,7 +16,7 @@
 #   ./archive.sh deeplab --model-type mobile|full --checkpoint X.pth [--image-size 513]
 #                                                torchvision DeepLabV3 VOC weights (COCO_WITH_VOC_LABELS_V1)
 #   ./archive.sh all                             every embedded default
-# Options: --out DIR (model_store), --model-config FILE (replaces handlers/configs/ARCHIVE.yaml),
+# Options: --out DIR (model_store), --model-config FILE (replaces vision_attribution/archives/configs/ARCHIVE.yaml),
 # --name NAME (the model's name, default ARCHIVE), --trust-checkpoint (unpickle fully: trusted files only),
 # --kserve-v2 (batchSize 1, for service_envelope=kservev2),
 # --SETTING VALUE (an archive's model: setting, e.g. --model-type full; ./archive.sh --help lists them).
@@ -34,4 +34,4 @@ if [ "$1" = all ]; then
   exit 0
 fi
 exec "$python" -m vision_attribution.archives.build --handler "$root/handlers/attribution_handler.py" \
-  --configs "$root/handlers/configs" --out "$root/model_store" "$@"
+  --configs "$root/vision_attribution/archives/configs" --out "$root/model_store" "$@"

@@ -19,11 +19,11 @@ from captum.attr import IntegratedGradients
 from skimage import data as photos
 
 from timing import interleaved_times, median, print_table
-from vision_attribution.engine import integrate_path
+from vision_attribution.attribution.engine import integrate_path
 from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.class_names import imagenet_classes
+from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
-from vision_attribution.quadrature import path_coefficients
+from vision_attribution.attribution.quadrature import path_coefficients
 
 N_STEPS = 50
 METHOD = "gausslegendre"

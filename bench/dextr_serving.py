@@ -41,7 +41,7 @@ from dextr_data import write_pickled_dextr_model  # noqa: E402
 from redis_harness import RedisServer  # noqa: E402
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config  # noqa: E402
 
-from vision_attribution.decode import decode_image_bytes  # noqa: E402
+from vision_attribution.formats.decode import decode_image_bytes  # noqa: E402
 from vision_attribution.networks.dextr import CropSettings, load_network, network_input, paste_probability, read_checkpoint  # noqa: E402
 
 POINTS = [[150, 30], [300, 200], [160, 500], [20, 300]]

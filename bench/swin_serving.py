@@ -42,8 +42,8 @@ from torchserve_harness import jpeg_bytes, shipped_model_config  # noqa: E402
 
 from vision_attribution.archives import load_service  # noqa: E402
 from vision_attribution.archives.build import stage_archive  # noqa: E402
-from vision_attribution.decode import decode_image_bytes  # noqa: E402
-from vision_attribution.service import IncomingRequest  # noqa: E402
+from vision_attribution.formats.decode import decode_image_bytes  # noqa: E402
+from vision_attribution.serving.jobs import IncomingRequest  # noqa: E402
 
 
 def peak_rss_gib() -> float:

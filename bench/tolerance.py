@@ -25,8 +25,8 @@ from timing import interleaved_times, median, print_table
 from vision_attribution.adapters.classifier import ClassifierAdapter
 from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
 from vision_attribution.archives import selfie as selfie_archive
-from vision_attribution.class_names import CIFAR10_CLASSES, imagenet_classes
-from vision_attribution.engine import integrate_path
+from vision_attribution.formats.class_names import CIFAR10_CLASSES, imagenet_classes
+from vision_attribution.attribution.engine import integrate_path
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
 from vision_attribution.networks.selfie import INPUT_SIZE as SELFIE_SIZE, SelfieSegmenter
@@ -48,7 +48,7 @@ def selfie(download: bool):
     if download:
         with tempfile.TemporaryDirectory() as workdir:
             weights = Path(workdir) / "selfie.pt"
-            subprocess.run([sys.executable, "-m", "vision_attribution.networks.selfie_tflite", str(weights)], check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "vision_attribution.archives.selfie_tflite", str(weights)], check=True, capture_output=True)
             network = selfie_archive.load_segmenter(weights)
     else:
         torch.manual_seed(0)

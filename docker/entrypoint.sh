@@ -2,7 +2,7 @@
 # The image's entry point (under tini): TorchServe in the foreground, stopped cleanly on SIGTERM/SIGINT.
 #   (no arguments)               serve $TS_CONFIG_FILE: every .mar in its model_store (load_models=all)
 #   torchserve [--start] ARGS    serve with TorchServe's own arguments (KServe's ServingRuntime passes these)
-#   anything else                run it (e.g. bash, python -m vision_attribution.readiness)
+#   anything else                run it (e.g. bash, python -m vision_attribution.clients.readiness)
 # TorchServe's launcher does not pass signals on to its JVM, so a SIGTERM here runs `torchserve --stop`,
 # which stops the frontend and its workers and waits for them, before the container exits.
 set -eu

@@ -5,8 +5,8 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from ..decode import PixelLayout
-from ..engine import PathIntegral, PathTarget
+from ..formats.decode import PixelLayout
+from ..attribution.engine import PathIntegral, PathTarget
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ModelAdapter(Protocol):
 
     seed_layout: PixelLayout  # layout of the seed's "img_data"
     seed_explanation_keys: Optional[tuple[str, ...]]  # exact keys of the seed's explanation reply, if it had one
-    options: tuple[str, ...]  # request options this model accepts
+    options: tuple[str, ...]  # the model's own request options (the path options every archive accepts are the service's)
     prediction_types: tuple[str, ...]  # reply encodings for predictions, default first
     device: torch.device
 

@@ -1,11 +1,10 @@
 """Adapter for image classifiers: resize and normalise, logits, class targets, IDG over a patch grid."""
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..formats.requests import PATH_OPTIONS
-from ..formats.replies import SEED_CLASSIFIER_EXPLANATION_KEYS, classifier_prediction
-from ..engine import PathTarget
+from ..formats.replies import SEED_CLASSIFIER_EXPLANATION_KEYS
+from ..attribution.engine import PathTarget
 from .base import ExplanationPlan, ModelInput
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 
@@ -19,12 +18,27 @@ def patch_grid(size: tuple[int, int], cells: int) -> tuple[torch.Tensor, list[st
     return masks, [f"patch r{r} c{c}" for r in range(cells) for c in range(cells)]
 
 
+def classifier_prediction(logits: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Reply to a classifier prediction, from logits (K,): the top class, the top 5 ({index, name, probability}
+    records, best first), logits and probabilities (1, K)."""
+    probabilities = logits.float().softmax(dim=0)
+    top = probabilities.topk(min(5, len(class_names)))
+    indices = top.indices.tolist()
+    return {
+        "predicted_name": class_names[indices[0]],
+        "predicted_class": indices[0],
+        "top5": [{"index": i, "name": class_names[i], "probability": p} for i, p in zip(indices, top.values.tolist())],
+        "output": logits[None].float().cpu(),
+        "probabilities": probabilities[None].cpu(),
+    }
+
+
 class ClassifierAdapter(FixedSizeInput):
     """Serves a classifier whose `logits_of(x)` maps (B, 3, h, w) normalised input to (B, K) logits."""
 
     seed_explanation_keys = SEED_CLASSIFIER_EXPLANATION_KEYS
     predicts_targets = True  # a prediction with a `target` reports that class's index and probability
-    options = PATH_OPTIONS + ("target", "idg_grid")
+    options = ("target", "idg_grid")
     prediction_types = ("json", "gzip", "npz")
 
     def __init__(

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from .base import ModelInput
-from ..decode import PixelLayout
-from ..errors import RequestError
+from ..formats.decode import PixelLayout
+from ..formats.errors import RequestError
 
 RGB_ROWS = PixelLayout(axes="HWC", order="RGB", grey_and_alpha=True)
 

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .base import ExplanationPlan, ModelInput
-from ..decode import PixelLayout
-from ..engine import PathTarget
-from ..errors import RequestError
-from ..formats.requests import PATH_OPTIONS
+from ..formats.decode import PixelLayout
+from ..attribution.engine import PathTarget
+from ..formats.errors import RequestError
 
 
 class InstanceDetector(Protocol):
@@ -42,7 +41,7 @@ class InstanceSegmenterAdapter:
 
     seed_explanation_keys = None
     prediction_types = ("gzip", "npz", "png", "json")
-    options = PATH_OPTIONS + ("threshold", "instance", "native_resolution")
+    options = ("threshold", "instance", "native_resolution")
 
     def __init__(
         self,

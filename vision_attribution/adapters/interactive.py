@@ -14,11 +14,10 @@ from skimage.measure import find_contours
 
 from .base import ExplanationPlan, ModelInput
 from .fixed_size import RGB_ROWS
-from ..encode import encode_png
-from ..engine import PathIntegral, PathTarget
-from ..errors import RequestError
-from ..formats import replies
-from ..formats.requests import PATH_OPTIONS
+from ..formats.encode import encode_png
+from ..attribution.engine import PathIntegral, PathTarget
+from ..formats.errors import RequestError
+from ..formats.dextr import interactive_segment_reply, opex_document
 from ..networks.dextr import CropSettings, network_input, normalise, paste_probability
 
 IMAGE_CHANNELS, HEATMAP_CHANNEL = slice(0, 3), 3
@@ -28,7 +27,10 @@ POINT_MARGIN = 0.1
 
 def mask_contours(probability: np.ndarray, threshold: float) -> list[list[list[int]]]:
     """The seed's contours: skimage find_contours(probability, threshold, fully_connected="high"), each point as
-    integer [x, y] (truncated); polygons with fewer than 3 distinct points are dropped."""
+    integer [x, y] (truncated); polygons with fewer than 3 distinct points are dropped. An image with a side of one
+    pixel has no contour (find_contours needs 2 x 2; the mask itself is still in the reply)."""
+    if min(probability.shape) < 2:
+        return []
     polygons = []
     for contour in find_contours(probability, threshold, fully_connected="high"):
         polygon = [[int(x), int(y)] for y, x in contour]
@@ -54,7 +56,7 @@ class ExtremePointsSegmenterAdapter:
 
     seed_layout = RGB_ROWS
     seed_explanation_keys = None
-    options = ("points", "label", "threshold") + PATH_OPTIONS
+    options = ("points", "label", "threshold")
     prediction_types = ("json", "png", "opex", "gzip", "npz")
 
     def __init__(self, logits_of: Callable[[torch.Tensor], torch.Tensor], crop: CropSettings, device: torch.device):
@@ -112,9 +114,9 @@ class ExtremePointsSegmenterAdapter:
         contours = mask_contours(prediction["probability"].numpy(), prediction["threshold"])
         points, label = prediction["points"].tolist(), prediction["label"]
         if reply_type == "json":
-            return replies.interactive_segment_reply(encode_png(self.prediction_png(prediction)), contours, points, label)
+            return interactive_segment_reply(encode_png(self.prediction_png(prediction)), contours, points, label)
         meta = {"segmenter": "dextr", "points": points, "label": label, "threshold": prediction["threshold"]}
-        return replies.opex_document(contours, label, uuid.uuid4().hex, meta)
+        return opex_document(contours, label, uuid.uuid4().hex, meta)
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan:
         with torch.no_grad():

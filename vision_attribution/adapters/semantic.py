@@ -9,10 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import PathTarget
+from ..attribution.engine import PathTarget
 from .base import ExplanationPlan, ModelInput
-from ..errors import RequestError
-from ..formats.requests import PATH_OPTIONS
+from ..formats.errors import RequestError
 from .fixed_size import FixedSizeInput, class_by_name_or_index
 
 
@@ -39,7 +38,7 @@ class SemanticSegmenterAdapter(FixedSizeInput):
         self.logits_of = logits_of
         self.class_names = list(class_names)
         self.binary = binary
-        self.options = PATH_OPTIONS + ("target", "region_reduction") + (
+        self.options = ("target", "region_reduction") + (
             ("threshold",) if binary else ()
         )
 

@@ -1,10 +1,11 @@
-"""The TorchServe archives this project builds, one module each, named like its config (handlers/configs/NAME.yaml).
+"""The TorchServe archives this project builds, one module each, named like its config (vision_attribution/archives/configs/NAME.yaml).
 
 An archive module provides:
   SUMMARY          one line: the model and where its weights come from.
   CHECKPOINT       "required" (the user supplies the weights) or "optional" (embedded default weights).
   FRAMEWORK_CONFIG what --config takes (the framework's own model config), or None where it takes none.
   MODEL_SETTINGS   {key: Setting}: its `model:` section of model-config.yaml.
+  REQUIRES         (optional) modules it needs beyond the serving core that ./setup.sh installs.
   stage(inputs)    archive time: read the user's checkpoint (any file name, any supported format), load it
                    strictly, and write WEIGHTS_FILE (a plain state dict) plus any extra files into
                    inputs.workdir; returns the extra files. Raises ValueError with the loader's message.
@@ -21,8 +22,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..service import AttributionService
-from ..settings import read_model_config
+from ..serving.service import AttributionService
+from ..serving.settings import read_model_config
 
 ARCHIVES = ("effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr", "deeplab")
 EMBEDDED_DEFAULTS = ("effnet", "selfie")

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import torch
 
-from .. import values
+from ..formats import values
 from ..adapters.classifier import ClassifierAdapter
-from ..class_names import CIFAR10_CLASSES
+from ..formats.class_names import CIFAR10_CLASSES
 from ..networks.bit import load_bit, read_bit_state_dict
-from ..settings import Setting
+from ..serving.settings import Setting
 from . import WEIGHTS_FILE, StageInputs
 
 SUMMARY = "BiT ResNetV2 (the seed's BiT-S-R101x3) on CIFAR-10; your bit_pytorch checkpoint"

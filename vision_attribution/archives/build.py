@@ -8,6 +8,7 @@ is read, converted to a plain state dict and loaded strictly, and the staged arc
 worker will load it; any problem is reported with its cause and exit status 2, and no archive is written.
 """
 import argparse
+import importlib
 import json
 import pickle
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..settings import ConfigError, read_model_config
+from ..serving.settings import ConfigError, read_model_config
 from . import ARCHIVES, MANIFEST_FILE, StageInputs, archive_module, load_service
 
 class BuildError(Exception):
@@ -38,6 +39,7 @@ def read_yaml(path: Path) -> dict:
 def stage_archive(name: str, workdir: Path, model_config: dict, checkpoint: Path | None, framework_config: Path | None, trust: bool) -> list[Path]:
     """Validate and convert into `workdir`; returns the files to ship besides the weights. Raises BuildError."""
     module = archive_module(name)
+    refuse_missing_requirements(name, getattr(module, "REQUIRES", ()))
     try:
         _, model_settings = read_model_config(model_config, module.MODEL_SETTINGS)
     except ConfigError as error:
@@ -64,6 +66,18 @@ def stage_archive(name: str, workdir: Path, model_config: dict, checkpoint: Path
     except Exception as error:  # noqa: BLE001 - report any reason the workers would not start
         raise BuildError(f"the staged {name} archive does not load as a worker would load it: {type(error).__name__}: {error}") from error
     return [manifest, *extra_files]
+
+
+def refuse_missing_requirements(name: str, modules: tuple[str, ...]) -> None:
+    """BuildError, in one line that says what to run, when a module the archive needs does not import."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise BuildError(
+                f"the {name} archive needs {', '.join(modules)}, which the serving core's ./setup.sh does not install "
+                f"({error}); run ./setup.sh --all (it builds mmcv once: about 20 minutes on 2 cores)"
+            ) from None
 
 
 def setting_options() -> dict[str, str]:
@@ -122,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="the weights, any file name (required where no offline weights exist)")
     takers = "; ".join(f"{name}: {archive_module(name).FRAMEWORK_CONFIG}" for name in ARCHIVES if archive_module(name).FRAMEWORK_CONFIG)
     p.add_argument("--config", type=Path, help=f"the framework's own model config ({takers})")
-    p.add_argument("--model-config", type=Path, help="replaces handlers/configs/ARCHIVE.yaml (TorchServe keys, attribution:, model:)")
+    p.add_argument("--model-config", type=Path, help="replaces vision_attribution/archives/configs/ARCHIVE.yaml (TorchServe keys, attribution:, model:)")
     p.add_argument("--out", type=Path, default=Path("model_store"), help="where to write ARCHIVE.mar (model_store)")
     p.add_argument("--name", help="the archive's model name (default: ARCHIVE), e.g. to serve two variants side by side")
     p.add_argument("--kserve-v2", action="store_true", help="for service_envelope=kservev2 (KServe v2): batchSize 1, the envelope serves no batches")

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from .. import values
+from ..formats import values
 from ..adapters.longest_side import DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZES, LongestSideSegmenterAdapter
-from ..class_names import VOC_CLASSES
-from ..settings import Setting
+from ..formats.class_names import VOC_CLASSES
+from ..serving.settings import Setting
 from . import WEIGHTS_FILE, StageInputs
 
 log = logging.getLogger(__name__)

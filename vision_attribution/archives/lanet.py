@@ -3,11 +3,11 @@ from pathlib import Path
 
 import torch
 
-from .. import values
+from ..formats import values
 from ..adapters.classifier import ClassifierAdapter
-from ..class_names import CIFAR10_CLASSES
+from ..formats.class_names import CIFAR10_CLASSES
 from ..networks.lanet import load_lanet, read_lanet_state_dict
-from ..settings import Setting
+from ..serving.settings import Setting
 from . import WEIGHTS_FILE, StageInputs
 
 SUMMARY = "LaNet NetworkCIFAR(C=128, layers=24) on CIFAR-10; your checkpoint ({'model_state_dict': ...}, e.g. top1.pt)"

@@ -7,7 +7,7 @@ import torch
 from ..adapters.semantic import SemanticSegmenterAdapter
 from ..networks.checkpoints import load_strictly, read_state_dict
 from ..networks.selfie import INPUT_SIZE, SelfieSegmenter
-from ..networks.selfie_tflite import notice_path_for, write_selfie_checkpoint
+from .selfie_tflite import notice_path_for, write_selfie_checkpoint
 from . import WEIGHTS_FILE, StageInputs
 
 SUMMARY = "MediaPipe selfie segmentation (person / background); real weights converted from the mediapipe==0.10.21 wheel"

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.instance import InstanceSegmenterAdapter
-from ..class_names import COCO_CLASSES
-from ..decode import PixelLayout
+from ..formats.class_names import COCO_CLASSES
+from ..formats.decode import PixelLayout
 from ..networks.swin import DEFAULT_CONFIG, read_swin_checkpoint
 from . import StageInputs, read_weights
 
@@ -17,6 +17,7 @@ SUMMARY = "Cascade Mask R-CNN Swin-T through mmdet 3.3, COCO (80 classes); your 
 CHECKPOINT = "required"
 FRAMEWORK_CONFIG = f"an mmdet 3 config .py (default: {DEFAULT_CONFIG.name}, shipped with the archive)"
 MODEL_SETTINGS: dict = {}
+REQUIRES = ("mmdet.apis", "mmcv.ops")  # not in the serving core: ./setup.sh --all installs them
 SEED_LAYOUT = PixelLayout(axes="HWC", order="BGR")  # the seed's img_data: a BGR image as (H, W, 3) lists
 CONFIG_FILE = "swin_config.py"  # the mmdet config, flattened (its _base_ chain resolved)
 CLASS_NAMES_FILE = "class_names.json"

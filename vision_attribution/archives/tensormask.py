@@ -5,8 +5,8 @@ import torch
 import yaml
 
 from ..adapters.instance import InstanceSegmenterAdapter
-from ..class_names import COCO_CLASSES
-from ..decode import PixelLayout
+from ..formats.class_names import COCO_CLASSES
+from ..formats.decode import PixelLayout
 from ..networks.checkpoints import load_strictly
 from ..networks.tensormask import TensorMask, load_tensormask, network_input_size, read_tensormask_config
 from . import StageInputs, read_weights

@@ -1,5 +1,5 @@
 """KServe v2 (Open Inference Protocol) requests and replies, as TorchServe 0.12's `kservev2` service envelope
-hands them to the handler and takes them back; the README's "KServe v2" section documents this format.
+hands them to the handler and takes them back; docs/formats.md ("KServe v2 (Open Inference Protocol)") documents this format.
 
 Request (POST /v2/models/{model}/infer for a prediction, /v2/models/{model}/explain for an explanation):
   {"id": "...", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64 image file>"],
@@ -19,15 +19,16 @@ The envelope flattens every output to one dimension, so an output whose tensor h
 is followed by "NAME.shape" (INT64) holding its real shape: np.reshape(data, that) restores it.
 """
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..decode import PixelLayout, decode_base64_image, decode_pixel_lists
-from ..encode import flatten_reply
-from ..errors import RequestError
-from ..settings import Limits
+from .decode import PixelLayout, decode_base64_image, decode_pixel_lists
+from .encode import flatten_reply
+from .errors import RequestError
 from .requests import ParsedRequest, parse_options
+from .values import Check
 
 IMAGE_INPUT = "image"
 IMAGE_TENSOR_LAYOUT = PixelLayout("HWC", "RGB", grey_and_alpha=True)
@@ -49,9 +50,9 @@ def from_envelope(context) -> bool:
     return getattr(context, "input_names", None) is not None
 
 
-def parse_inputs(inputs: list, accepted_options: tuple[str, ...], limits: Limits) -> ParsedRequest:
+def parse_inputs(inputs: list, checks: Mapping[str, Check], max_pixels: int) -> ParsedRequest:
     """The envelope's inputs ([{"name", "datatype", "shape", "data", "parameters"?}, ...]) -> the image as
-    (H, W, 3) uint8 RGB and the validated options."""
+    (H, W, 3) uint8 RGB and the options, validated by `checks`."""
     if not isinstance(inputs, list) or not all(isinstance(item, dict) and isinstance(item.get("name"), str) for item in inputs):
         raise RequestError("a KServe v2 request needs 'inputs': a list of tensors, each with a 'name'")
     by_name: dict[str, dict] = {}
@@ -62,13 +63,13 @@ def parse_inputs(inputs: list, accepted_options: tuple[str, ...], limits: Limits
     image_input = by_name.pop(IMAGE_INPUT, None)
     if image_input is None:
         raise RequestError(f"a KServe v2 request needs an input named {IMAGE_INPUT!r} (BYTES: a base64 image file; or UINT8 [H, W, 3] RGB); got {sorted(by_name)}")
-    image = _decode_image(image_input, limits.max_image_pixels)
+    image = _decode_image(image_input, max_pixels)
     raw_options = dict(image_input.get("parameters") or {})
     for name, item in by_name.items():
         if name in raw_options:
             raise RequestError(f"option {name!r} is given both as an input and in the image input's parameters")
         raw_options[name] = _option_value(item)
-    return ParsedRequest(image=image, seed_format=False, options=parse_options(raw_options, accepted_options, limits))
+    return ParsedRequest(image=image, seed_format=False, options=parse_options(raw_options, checks))
 
 
 def _decode_image(item: dict, max_pixels: int) -> np.ndarray:
@@ -106,29 +107,52 @@ def _datatype(array: np.ndarray) -> str:
     raise TypeError(f"no KServe v2 datatype for {array.dtype}")
 
 
-def encode_outputs(payload: dict) -> bytes:
-    """The reply dict -> {"outputs": [...]} as JSON laid out as TorchServe sends it (indent=2), with the outputs
-    exactly as the envelope will write them (flat data; a "NAME.shape" output after each output of 2+
-    dimensions), so that the reply's size is checked before it is sent; the envelope adds only the request's
-    id, the model's name and its version."""
+@dataclass(frozen=True)
+class Output:
+    """One v2 output as the envelope takes it: its name and its values, flat (n,), the datatype named after the
+    dtype (_datatype)."""
+
+    name: str
+    data: np.ndarray
+
+
+def outputs_of(payload: dict) -> list[Output]:
+    """The reply dict -> its v2 outputs, exactly as the envelope will write them: flat data, and a "NAME.shape"
+    output (INT64) after each output of 2+ dimensions."""
     outputs = []
     for name, array in flatten_reply(payload).items():
-        outputs.append({"name": name, "datatype": _datatype(array), "shape": [int(array.size)], "data": array.reshape(-1).tolist()})
+        outputs.append(Output(name, array.reshape(-1)))
         if array.ndim >= 2:
-            outputs.append({"name": name + SHAPE_SUFFIX, "datatype": "INT64", "shape": [array.ndim], "data": list(array.shape)})
-    return json.dumps({"outputs": outputs}, indent=2).encode("utf-8")
+            outputs.append(Output(name + SHAPE_SUFFIX, np.asarray(array.shape, dtype=np.int64)))
+    return outputs
 
 
-def envelope_outputs(body: bytes) -> tuple[list[str], list[np.ndarray]]:
-    """encode_outputs' JSON -> (output names, one flat array each) for the envelope, which names output i
-    after its input_names[i] and takes the datatype from the array's dtype."""
-    outputs = json.loads(body)["outputs"]
-    names = [output["name"] for output in outputs]
-    arrays = [np.asarray(output["data"], dtype=DATATYPES[output["datatype"]]) for output in outputs]
-    return names, arrays
+def reply_document(outputs: list[Output]) -> dict:
+    """{"outputs": [{"name", "datatype", "shape", "data"}, ...]}: the reply as the envelope writes it, less the
+    request's id, the model's name and its version."""
+    return {"outputs": [
+        {"name": output.name, "datatype": _datatype(output.data), "shape": [int(output.data.size)], "data": output.data.tolist()}
+        for output in outputs
+    ]}  # fmt: skip
 
 
-def error_message(body: bytes) -> str:
-    """The message of an error reply ({"error", "request_id"?}), with its request id where it has one."""
-    error = json.loads(body)
-    return error["error"] + (f" (request_id {error['request_id']})" if "request_id" in error else "")
+_MOST_BYTES_PER_VALUE = {"b": 16, "U": 12}  # a value on its own line of indent=2 JSON, at most: false; quotes and indent
+_MOST_BYTES_PER_CHARACTER = 6  # \uXXXX
+_MOST_BYTES_PER_NUMBER = 36  # indent, the longest float repr (-1.2345678901234567e-308), a comma and a newline
+
+
+def reply_bytes_over(outputs: list[Output], limit: int) -> int | None:
+    """The size of the reply as JSON (indent=2, as TorchServe sends it) when it is over `limit` bytes, else None.
+    Serialises only when a bound on the size (from the values' count and kind) is over the limit."""
+    bound = 0
+    for output in outputs:
+        data = output.data
+        if data.dtype.kind == "U":
+            bound += data.size * _MOST_BYTES_PER_VALUE["U"] + sum(map(len, data.tolist())) * _MOST_BYTES_PER_CHARACTER
+        else:
+            bound += data.size * _MOST_BYTES_PER_VALUE.get(data.dtype.kind, _MOST_BYTES_PER_NUMBER)
+        bound += 200 + len(output.name) * _MOST_BYTES_PER_CHARACTER
+    if bound <= limit:
+        return None
+    size = len(json.dumps(reply_document(outputs), indent=2).encode("utf-8"))
+    return size if size > limit else None

@@ -1,4 +1,4 @@
-"""The seeds' own HTTP APIs, which the gateway (vision_attribution.gateway) serves in front of TorchServe.
+"""The seeds' own HTTP APIs, which the gateway (vision_attribution.clients.gateway) serves in front of TorchServe.
 
 MAX Image Segmenter (seed 004): GET /model/metadata, GET /model/labels, POST /model/predict (multipart field
 `image`) -> {"status": "ok", "image_size": [w, h], "seg_map": [[class, ...w], ...h]}, Swagger 2.0 at
@@ -8,7 +8,7 @@ Nothing here imports torch: the gateway stays a light process.
 """
 from typing import Any
 
-from ..class_names import VOC_CLASSES
+from .class_names import VOC_CLASSES
 
 MAX_PREDICTION_TYPE = "application/vnd.max-image-segmenter+json"
 """The Accept type that asks deeplab for MAX's reply to POST /model/predict (what the gateway sends)."""

@@ -2,7 +2,7 @@
 
 The network mirrors the graph of MediaPipe's ``selfie_segmentation.tflite`` layer for layer:
 a MobileNetV3-style encoder, a Lite R-ASPP head and a three-stage decoder with skip
-connections. The real weights come from ``vision_attribution.networks.selfie_tflite``.
+connections. The real weights come from ``vision_attribution.archives.selfie_tflite``.
 
 The module returns person LOGITS (pre-sigmoid); ``torch.sigmoid`` of them, as returned by
 :meth:`SelfieSegmenter.probabilities`, is MediaPipe's own output.

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..decode import decode_image_bytes
+from ..formats.decode import decode_image_bytes
 from ..networks.checkpoints import load_torch_file, read_state_dict
 from ..networks.dextr import CropSettings, crop_image, network_input, new_network, paste_probability, read_checkpoint
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from ...class_names import COCO_CLASSES
+from ...formats.class_names import COCO_CLASSES
 
 __all__ = ["COCO_CLASSES", "DETECTRON2_DEFAULTS", "DEFAULT_CONFIG", "read_tensormask_config",
            "check_supported"]

@@ -1,0 +1,143 @@
+"""The service's explanations without TorchServe: a batch of explanations equals each alone, tolerance options,
+and the IDG hierarchy in replies (real EfficientNet-lite0 weights; a small random semantic segmenter)."""
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as photos
+
+from replies import read_reply
+from torchserve_harness import jpeg_bytes
+from vision_attribution.adapters.classifier import ClassifierAdapter
+from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
+from vision_attribution.formats.class_names import imagenet_classes
+from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
+from vision_attribution.serving.jobs import IncomingRequest
+from vision_attribution.serving.service import AttributionService
+from vision_attribution.serving.settings import read_model_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    adapter = ClassifierAdapter(load_efficientnet_lite0(packaged_weights()), imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+    settings, _ = read_model_config({"attribution": {"n_steps": 8, "internal_batch_size": 4, "max_response_bytes": 50_000_000}}, {})
+    return AttributionService(adapter, settings)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 5, padding=2)).eval().requires_grad_(False)
+    adapter = SemanticSegmenterAdapter(network, ["background", "sky", "thing"], (48, 48), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), CPU)
+    settings, _ = read_model_config({"attribution": {"n_steps": 6}}, {})
+    return AttributionService(adapter, settings)
+
+
+def explain(fields: dict, accept: str = "application/gzip") -> IncomingRequest:
+    return IncomingRequest(fields={"body": json.dumps(fields).encode()}, headers={"Accept": accept}, explain=True)
+
+
+def photo(name: str, size=(120, 90)) -> str:
+    import base64
+    return base64.b64encode(jpeg_bytes(getattr(photos, name)(), size)).decode()
+
+
+@pytest.mark.slow
+def test_a_batch_of_explanations_equals_each_alone(effnet):
+    requests = [
+        explain({"image": photo("coffee"), "target": "espresso"}),
+        explain({"image": photo("chelsea"), "tolerance": 0.05, "max_steps": 41, "baseline": "black"}),
+        IncomingRequest(fields={"body": jpeg_bytes(photos.astronaut(), (64, 64))}),  # a prediction in the same batch
+        explain({"image": photo("rocket"), "method": "riemann_trapezoid", "n_steps": 6, "return_path": True, "internal_batch_size": 3}),
+        explain({"image": "not base64 of an image"}),
+        explain({"image": photo("astronaut"), "n_steps": 5, "idg_hierarchy": 12}),
+    ]
+    together = effnet.handle_batch(requests)
+    assert [reply.status for reply in together] == [200, 200, 200, 200, 400, 200]
+    for request, shared in zip(requests, together):
+        if not request.explain or shared.status != 200:
+            continue
+        single = read_reply(effnet.handle_batch([request])[0].body)
+        shared = read_reply(shared.body)
+        assert set(shared) == set(single)
+        for key in ("integrated_grads", "step_sizes", "alphas", "integrated_directional_grads"):
+            if key in single:
+                assert torch.allclose(shared[key].double(), single[key].double(), rtol=1e-6, atol=1e-6 * float(single[key].abs().max())), key
+        assert shared["target"] == single["target"] and shared["n_steps"] == single["n_steps"]
+        assert shared["convergence_delta"] == pytest.approx(single["convergence_delta"], rel=1e-4, abs=1e-5)
+    replies = [read_reply(reply.body) for reply in together if reply.content_type == "application/gzip"]
+    assert replies[0]["target"]["name"] == "espresso" and replies[0]["method"] == "gausslegendre" and replies[0]["n_steps"] == 8
+    assert replies[1]["method"] == "adaptive_trapezoid" and replies[1]["baseline"] == "black" and replies[1]["n_steps"] <= 41
+    assert replies[2]["integrated_directional_grads"].shape == (6, 3, 224, 224)
+
+
+def test_the_reported_error_of_a_tolerance_is_the_one_the_reply_recomputes(effnet):
+    reply = read_reply(effnet.handle_batch([explain({"image": photo("coffee"), "tolerance": 0.02, "max_steps": 129})])[0].body)
+    change = reply["target_at_input"] - reply["target_at_baseline"]
+    recomputed = abs(change - float(reply["integrated_grads"].double().sum())) / abs(change)
+    refinement = reply["refinement"]
+    assert refinement["relative_error"] == pytest.approx(recomputed, rel=1e-9)
+    assert refinement["tolerance_met"] == (recomputed <= 0.02) and refinement["tolerance"] == 0.02
+    assert reply["n_steps"] == len(reply["alphas"]) <= 129 and float(reply["step_sizes"].sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tolerance": 0.01, "n_steps": 20}, "cannot be combined with 'n_steps' or another 'method'"),
+        ({"tolerance": 0.01, "method": "gausslegendre"}, "cannot be combined"),
+        ({"max_steps": 100}, "'max_steps' bounds a tolerance-driven explanation"),
+        ({"method": "adaptive_trapezoid"}, "needs a 'tolerance'|refines until a 'tolerance' is met"),
+        ({"tolerance": 0}, "'tolerance' must be a number between 1e-06 and 1"),
+        ({"tolerance": 0.01, "max_steps": 10}, "'max_steps' must be between 21 and"),
+        ({"idg_hierarchy": 0}, "'idg_hierarchy' must be between 1 and 1000"),
+    ],
+)
+def test_contradicting_or_bad_refinement_options_are_refused(effnet, fields, message):
+    reply = effnet.handle_batch([explain({"image": photo("coffee"), **fields})])[0]
+    assert reply.status == 400
+    assert re.search(message, json.loads(reply.body)["error"])
+
+
+def test_explanation_options_on_a_prediction_are_refused_not_ignored(effnet):
+    request = IncomingRequest(fields={"body": json.dumps({"image": photo("coffee"), "n_steps": 20, "return_path": True}).encode()})
+    reply = effnet.handle_batch([request])[0]
+    assert reply.status == 400 and "['n_steps', 'return_path'] only apply to explanations" in json.loads(reply.body)["error"]
+    targeted = effnet.handle_batch([IncomingRequest(fields={"body": json.dumps({"image": photo("coffee"), "target_class": "cup"}).encode()})])[0]
+    prediction = json.loads(targeted.body)
+    assert prediction["target_class"] == imagenet_classes().index("cup") and 0 < prediction["target_probability"] < 1
+
+
+def test_an_archive_default_tolerance_applies_unless_the_request_asks_for_steps(effnet):
+    settings, _ = read_model_config({"attribution": {"tolerance": 0.05, "tolerance_max_steps": 41, "internal_batch_size": 8}}, {})
+    service = AttributionService(effnet.adapter, settings)
+    by_default = read_reply(service.handle_batch([explain({"image": photo("coffee")})])[0].body)
+    fixed = read_reply(service.handle_batch([explain({"image": photo("coffee"), "n_steps": 7})])[0].body)
+    assert by_default["method"] == "adaptive_trapezoid" and by_default["refinement"]["max_steps"] == 41
+    assert fixed["method"] == "gausslegendre" and fixed["n_steps"] == 7 and "refinement" not in fixed
+
+
+def test_idg_hierarchy_of_a_segmenter_goes_image_segments_superpixels(segmenter):
+    image = photo("astronaut", (96, 96))
+    reply = read_reply(segmenter.handle_batch([explain({"image": image, "idg_hierarchy": 16})])[0].body)
+    tree, groups = reply["idg_hierarchy"], reply["idg_per_mask"]
+    assert tree["label_map"].shape == (48, 48) and tree["parent"][0] == -1
+    segments = (tree["depth"] == 1).nonzero().flatten()
+    assert [tree["labels"][i] for i in segments] == groups["labels"]  # the predicted segments, as IDG per mask names them
+    assert torch.allclose(tree["idg"][segments], groups["idg"])  # the same IDG, from the same integral
+    assert (tree["depth"] == 2).sum() > len(segments)
+    assert float(tree["value"][0]) == pytest.approx(1.0) and float(tree["dividend"].sum()) == pytest.approx(1.0)
+    npz = np.load(io.BytesIO(segmenter.handle_batch([explain({"image": image, "idg_hierarchy": 16}, "application/x-npz")])[0].body), allow_pickle=False)
+    assert npz["idg_hierarchy/label_map"].shape == (48, 48)
+
+
+def test_idg_hierarchy_of_a_classifier_goes_image_superpixels(effnet):
+    reply = read_reply(effnet.handle_batch([explain({"image": photo("coffee"), "n_steps": 4, "idg_hierarchy": 20})])[0].body)
+    tree = reply["idg_hierarchy"]
+    assert tree["depth"].max() == 1 and (tree["parent"][1:] == 0).all() and len(tree["parent"]) > 5
+    assert tree["label_map"].shape == (224, 224) and float(tree["value"][0]) == pytest.approx(1.0)
