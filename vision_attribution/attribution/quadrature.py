@@ -25,14 +25,23 @@ ADAPTIVE_MIN_STEPS = 2 * (len(ADAPTIVE_INTERVAL_BOUNDS) - 1) + 1
 """The adaptive rule's first round: every interval's ends and midpoint (21 nodes)."""
 
 
+class TooFewSteps(ValueError):
+    """n_steps under what a fixed rule needs; `requirement` ("must be at least 2 for method riemann_trapezoid")
+    lets a caller name the option or setting the count came from."""
+
+    def __init__(self, requirement: str):
+        super().__init__(f"n_steps {requirement}")
+        self.requirement = requirement
+
+
 def check_fixed_rule(method: str, n_steps: int) -> None:
-    """ValueError unless `method` is a fixed rule and n_steps is enough for it (riemann_trapezoid needs 2); the
-    message about n_steps leaves its subject to the caller (the option or the setting it came from)."""
+    """ValueError unless `method` is a fixed rule, TooFewSteps unless n_steps is enough for it (riemann_trapezoid
+    needs 2, the others 1)."""
     if method not in METHODS:
         raise ValueError(f"unknown integration method {method!r}; choose one of {', '.join(METHODS)}")
     least = 2 if method == "riemann_trapezoid" else 1
     if n_steps < least:
-        raise ValueError(f"must be at least {least} for method {method}")
+        raise TooFewSteps(f"must be at least {least} for method {method}")
 
 
 def path_coefficients(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
 from ..attribution.engine import PathProblem
-from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec
+from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec, TooFewSteps
 from ..formats.errors import RequestError
 from ..formats.kserve_v2 import Output
 from .options import option_or_default
@@ -96,8 +96,8 @@ def resolve_rule(options: dict[str, Any], settings: AttributionSettings) -> Rule
         raise RequestError(f"method {ADAPTIVE_METHOD} refines until a 'tolerance' is met; send one (this archive has no default tolerance)")
     try:
         return RuleSpec(option_or_default(options, "method", settings), option_or_default(options, "n_steps", settings))
-    except ValueError as error:
-        raise RequestError(f"option 'n_steps' {error}") from None
+    except TooFewSteps as error:
+        raise RequestError(f"option 'n_steps' {error.requirement}") from None
 
 
 @dataclass

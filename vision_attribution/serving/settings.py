@@ -8,7 +8,7 @@ A misspelt key or a value outside what is allowed is a ConfigError that names th
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, METHODS, RuleSpec
+from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, METHODS, RuleSpec, TooFewSteps
 from ..formats import values
 
 BASELINES = ("zeros", "black")
@@ -132,6 +132,6 @@ def read_model_config(config: Mapping | None, model_settings: Mapping[str, Setti
         )
     try:
         RuleSpec(attribution.method, attribution.n_steps)
-    except ValueError as error:
-        raise ConfigError(f"model-config 'attribution.n_steps' {error}") from None
+    except TooFewSteps as error:
+        raise ConfigError(f"model-config 'attribution.n_steps' {error.requirement}") from None
     return attribution, read_section(_section(config, "model"), model_settings, "model")
