@@ -1,4 +1,4 @@
-"""Soak: the mixed load of tests/test_reliability.py for a few minutes against one real TorchServe.
+"""Soak: the mixed load of tests/serving/test_reliability.py for a few minutes against one real TorchServe.
 
 The server and its four archives are those of test_reliability.py (effnet and selfie with real weights, lanet and
 tensormask small; one worker each, batching on). First every request of the load is sent alone: its reply is the

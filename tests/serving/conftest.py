@@ -1,23 +1,11 @@
-"""Serving tests: real TorchServe, Redis, the gateway, Chromium, archive.sh. Every test collected here is marked
-`serving` (pyproject.toml registers the marker), so that `pytest -m "not serving"` runs the unit tests only.
+"""Serving tests: real TorchServe, Redis, the gateway, Chromium, archive.sh (marked `serving` by tests/conftest.py).
 
 `shared_torchserve` is one TorchServe for the whole run (helpers/shared_torchserve.py): modules register the archives
 they need in it instead of starting a server of their own."""
-from pathlib import Path
-
 import pytest
 
 from shared_torchserve import SharedTorchServe
 from torchserve_harness import TorchServe
-
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if HERE in Path(item.path).resolve().parents:
-            item.add_marker(pytest.mark.serving)
 
 
 @pytest.fixture(scope="session")

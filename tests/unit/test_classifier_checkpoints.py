@@ -245,6 +245,7 @@ def test_lanet_encoding_decodes_to_the_searched_cell():
     assert genotype.normal_concat == LANET_CELL_CONCAT and genotype.reduce_concat == LANET_CELL_CONCAT
 
 
+@pytest.mark.slow
 def test_lanet_c128_layers24_full_size(tmp_path, images):
     shapes = lanet_checkpoint_shapes(128, 24, auxiliary=True, num_classes=CIFAR_CLASSES)
     parameter_count = sum(math.prod(shape) for key, shape in shapes.items()

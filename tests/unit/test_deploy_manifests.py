@@ -30,7 +30,7 @@ def validate(doc: dict) -> None:
     """Raise when `doc` does not match its kind's schema (unknown fields included)."""
     kserve_kind = kserve_schema.KINDS.get((doc["apiVersion"], doc["kind"]))
     if kserve_kind:
-        jsonschema.validate(doc, kserve_schema.schema(kserve_kind), cls=jsonschema.Draft202012Validator)
+        kserve_schema.validator(kserve_kind).validate(doc)
     else:
         kubernetes_validate.validate(doc, kserve_schema.KUBERNETES_VERSION, strict=True)
 

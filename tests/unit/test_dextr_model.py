@@ -70,6 +70,7 @@ def test_a_pickled_dextr_model_is_read_only_when_trusted_and_keeps_its_crop_sett
     assert done.returncode == 2 and "--trust-checkpoint" in done.stderr and not (tmp_path / "store" / "dextr.mar").exists()
 
 
+@pytest.mark.slow
 def test_plain_state_dicts_load_safely_with_the_default_crop(tmp_path):
     checkpoint = D.read_checkpoint(write_state_dict(tmp_path / "dextr_resunet101.pth"))
     assert checkpoint.source == "state dict" and checkpoint.crop == D.CropSettings((512, 512), 10, 10.0)

@@ -139,6 +139,7 @@ def test_the_kserve_reply_size_is_exact_when_it_matters():
     assert outputs[1].data.tolist() == [30, 100] and outputs[0].data.dtype.name == "float32"
 
 
+@pytest.mark.slow
 def test_an_archive_that_needs_more_than_the_serving_core_says_what_to_run(tmp_path):
     """swin needs mmdet and mmcv's ops, which only ./setup.sh --all installs: archive.sh says so in one line
     (run here with mmcv hidden, as on a machine set up with ./setup.sh)."""

@@ -73,6 +73,7 @@ def test_patch_merging_channels_are_reordered_as_the_fork_merges_them(fork_state
     torch.testing.assert_close(output.reshape(2, 5, 7, 2 * dim), fork_output, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_refused_by_archive_sh(fork_checkpoint, tmp_path):
     truncated = tmp_path / SEED_FILE_NAME
     with open(fork_checkpoint, "rb") as source:
