@@ -6,12 +6,14 @@ key layout) is held to MAX's own test expectations; the Flask seeds' curl lines 
 written, with only the host and port changed and no token, and get the replies a direct TorchServe call gets.
 """
 import asyncio
+import base64
 import gzip
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +35,7 @@ from vision_attribution.clients.gateway.server import UploadLimit, max_app
 from vision_attribution.clients.gateway.torchserve import InferenceKey, TorchServeClient
 
 BIN = Path(sys.executable).parent
+IGNORED = "X-Ignored-Fields"
 SEED_CURL = 'curl http://localhost:8888/model/ --data @input_json_file.json --output saved_file.gzip -H "Content-Type:application/json; chartset=utf-8"'
 """The query line of the Flask seeds' READMEs (seeds 000-002), verbatim."""
 UPLOAD_LIMIT_MB = 16
@@ -198,15 +201,17 @@ def test_max_predict_not_an_image(stack):
 
 
 def test_max_predict_options_and_elongated_images(stack):
-    """Further form fields are the archive's options (image_size per request; unknown ones refused by the
-    archive, passed through); an image 2000 x 3 keeps a 1-pixel side where MAX failed with 500."""
+    """image_size is the archive's option, per request; other form fields MAX ignored are ignored and named (not
+    refused as on the native route); an image 2000 x 3 keeps a 1-pixel side where MAX failed with 500."""
     url = f"{stack.gateway.url}/model/predict"
     reply = requests.post(url, files={"image": photo_bytes()}, data={"image_size": "64"}, timeout=60)
-    assert reply.status_code == 200 and reply.json()["image_size"] == [64, 42]
+    assert reply.status_code == 200 and reply.json()["image_size"] == [64, 42] and IGNORED not in reply.headers
     reply = requests.post(url, files={"image": photo_bytes()}, data={"image_size": "4000"}, timeout=60)
     assert reply.status_code == 400 and "image_size" in reply.json()["error"]
     reply = requests.post(url, files={"image": photo_bytes()}, data={"MODEL_TYPE": "full"}, timeout=60)
-    assert reply.status_code == 400 and "unknown field(s) ['MODEL_TYPE']" in reply.json()["error"]
+    assert reply.status_code == 200 and reply.json()["image_size"] == [513, 342] and reply.headers[IGNORED] == "form:MODEL_TYPE"
+    native = stack.torchserve.post("/predictions/deeplab", files={"image": photo_bytes()}, data={"MODEL_TYPE": "full"})
+    assert native.status_code == 400 and "unknown field(s) ['MODEL_TYPE']" in native.json()["error"]
     strip = jpeg_bytes(np.full((3, 2000, 3), 200, np.uint8))
     reply = requests.post(url, files={"image": strip}, timeout=60)
     assert reply.status_code == 200, reply.text
@@ -214,6 +219,52 @@ def test_max_predict_options_and_elongated_images(stack):
 
 
 # deeplab's native replies, straight from TorchServe
+
+
+def multipart(parts: list[tuple[list[str], bytes]], boundary: str) -> bytes:
+    """A multipart/form-data body written out by hand: each part's header lines, then its bytes."""
+    body = b"".join(f"--{boundary}\r\n{''.join(line + chr(13) + chr(10) for line in lines)}\r\n".encode() + data + b"\r\n" for lines, data in parts)
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def test_max_web_app_request(stack):
+    """The exact request of IBM's MAX Image Segmenter Web App (a browser's FormData: the file in `image`, then the
+    field `type` holding "undefined"): MAX's reply, `type` ignored as MAX ignored it, named in the header and the log."""
+    boundary = "----WebKitFormBoundaryq3Vd5WzGx1RbM8Ls"
+    body = multipart([(['Content-Disposition: form-data; name="image"; filename="coffee.jpg"', "Content-Type: image/jpeg"], photo_bytes()),
+                      (['Content-Disposition: form-data; name="type"'], b"undefined")], boundary)  # fmt: skip
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Accept": "*/*", "Origin": "http://localhost:3000",
+               "Referer": "http://localhost:3000/", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0.0.0 Safari/537.36"}  # fmt: skip
+    reply = requests.post(f"{stack.gateway.url}/model/predict", data=body, headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert set(reply.json()) == {"status", "image_size", "seg_map"} and reply.json()["image_size"] == [513, 342]
+    assert reply.headers[IGNORED] == "form:type"
+    assert "POST /model/predict: ignored what the seed's API ignores: form:type" in stack.gateway.log_path.read_text()
+
+
+def test_max_predict_cleans_the_upload_and_refuses_what_is_ambiguous(stack):
+    """TorchServe gets a form the gateway builds: a base64 part and bogus charsets give the plain upload's reply; a query
+    string is ignored and named; two images are refused."""
+    url = f"{stack.gateway.url}/model/predict"
+    expected = requests.post(url, files={"image": photo_bytes()}, timeout=60).json()
+    disposition = 'Content-Disposition: form-data; name="image"; filename="coffee.jpg"'
+    cases = {
+        "base64": ([disposition, "Content-Type: image/jpeg", "Content-Transfer-Encoding: base64"], base64.b64encode(photo_bytes()), ""),
+        "part charset": ([disposition, "Content-Type: image/jpeg; charset=x-bogus"], photo_bytes(), ""),
+        "form charset": ([disposition, "Content-Type: image/jpeg"], photo_bytes(), "; charset=x-bogus"),
+    }
+    for name, (lines, data, charset) in cases.items():
+        reply = requests.post(url, data=multipart([(lines, data)], "b0undary"), headers={"Content-Type": f"multipart/form-data; boundary=b0undary{charset}"}, timeout=60)
+        assert reply.status_code == 200 and reply.json() == expected, (name, reply.text)
+    reply = requests.post(url, data=multipart([([disposition, "Content-Transfer-Encoding: x-uuencode"], photo_bytes())], "b0undary"),
+                          headers={"Content-Type": "multipart/form-data; boundary=b0undary"}, timeout=60)  # fmt: skip
+    assert reply.status_code == 400 and "Content-Transfer-Encoding 'x-uuencode'" in reply.json()["error"]
+    reply = requests.post(f"{url}?image_size=16&image_size=32", files={"image": photo_bytes()}, timeout=60)
+    assert reply.status_code == 200 and reply.json() == expected and reply.headers[IGNORED] == "query:image_size"
+    reply = requests.post(url, files=[("image", photo_bytes()), ("image", photo_bytes("png"))], timeout=60)
+    assert reply.status_code == 400 and reply.json() == {"error": "the form holds 2 'image' files; send one image per request"}
+    reply = requests.post(url, files={"image": photo_bytes()}, data=[("image_size", "64"), ("image_size", "32")], timeout=60)
+    assert reply.status_code == 400 and "'image_size' once" in reply.json()["error"]
 
 
 def test_deeplab_native_prediction_and_png(stack):
@@ -292,6 +343,23 @@ def test_seed_errors_pass_through_with_their_status(stack):
     assert requests.get(url, timeout=10).status_code == 405  # POST only, as the seed
 
 
+def test_seed_json_in_the_encodings_flask_read(stack, tmp_path):
+    """Flask's get_json read UTF-8 with a BOM, UTF-16 and UTF-32: the same reply as plain UTF-8. A gzip body (which
+    Flask did not decompress) is refused naming Content-Encoding; a query string is ignored and named."""
+    url = f"{stack.gateway.seed_url('bit')}/model/"
+    document = json.dumps({"img_data": np.full((8, 8, 3), 0.5).tolist(), "target_class": 3})
+    plain = requests.post(url, data=document.encode(), headers=SEED_JSON, timeout=120)
+    assert plain.status_code == 200, plain.text
+    for body in (b"\xef\xbb\xbf" + document.encode(), document.encode("utf-16"), document.encode("utf-16-le"), document.encode("utf-32")):
+        reply = requests.post(url, data=body, headers=SEED_JSON, timeout=120)
+        assert reply.status_code == 200 and gzip.decompress(reply.content) == gzip.decompress(plain.content), body[:4]
+    reply = requests.post(url, data=gzip.compress(document.encode()), headers={**SEED_JSON, "Content-Encoding": "gzip"}, timeout=60)
+    assert reply.status_code == 400 and "Content-Encoding 'gzip'" in reply.json()["error"]
+    reply = requests.post(f"{url}?n_steps=4", data=document.encode(), headers=SEED_JSON, timeout=120)
+    assert reply.status_code == 200 and reply.headers[IGNORED] == "query:n_steps"
+    assert gzip.decompress(reply.content) == gzip.decompress(plain.content)
+
+
 def test_upload_limit(stack, tmp_path):
     """Over the limit by Content-Length: 413 before the body is read (curl waits for it: Expect: 100-continue);
     streamed without a length: 413 once the limit is passed."""
@@ -313,6 +381,21 @@ def test_upload_limit(stack, tmp_path):
 
     reply = asyncio.run(streamed_upload())
     assert reply.status_code == 413 and "limit of 5000 bytes" in reply.json()["error"]
+
+
+def test_a_client_gone_mid_upload_is_one_log_line(stack):
+    """10 of 100000 declared body bytes, then the connection closes: one INFO line, no traceback; the next request
+    is served."""
+    log_before = len(stack.gateway.log_path.read_text())
+    with socket.create_connection(("127.0.0.1", stack.gateway.port), timeout=10) as connection:
+        connection.sendall(b"POST /model/predict HTTP/1.1\r\nHost: gateway\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+                           b"Content-Length: 100000\r\n\r\n--b0undary")  # fmt: skip
+    deadline = time.time() + 10
+    while "disconnected before its request was read" not in stack.gateway.log_path.read_text()[log_before:] and time.time() < deadline:
+        time.sleep(0.1)
+    logged = stack.gateway.log_path.read_text()[log_before:]
+    assert "POST /model/predict: the client 127.0.0.1:" in logged and "Traceback" not in logged and "ERROR" not in logged, logged
+    assert requests.get(f"{stack.gateway.url}/model/labels", timeout=10).status_code == 200
 
 
 def test_cors_only_when_enabled(stack):

@@ -138,6 +138,17 @@ def test_scaling_workers_through_the_management_api(server):
 GOOD_IMAGE = photos.chelsea()[::8, ::8]
 
 
+def test_a_seed_request_to_effnet_with_its_shipped_defaults_is_served(server):
+    """effnet explains to tolerance 0.02 by default, with max_steps 257: 257 steps of seed path tensors (about 296 MiB)
+    would not fit 100 MiB, so the default is lowered to what fits instead of failing the request with 413."""
+    reply = server.post("/explanations/effnet", data=json.dumps({"img_data": photos.coffee()[::2, ::2].tolist()}).encode(), headers=SEED_JSON)
+    assert reply.status_code == 200, reply.text
+    seed = read_reply(reply.content)
+    assert set(seed) == {"integrated_grads", "integrated_directional_grads", "step_sizes", "intermediates", "output", "target_class"}
+    steps = seed["integrated_directional_grads"].shape[0]
+    assert 21 <= steps < 257 and seed["integrated_directional_grads"].shape[1:] == (3, 224, 224) and len(reply.content) < 100 * 2**20
+
+
 def test_oversize_seed_reply_is_refused_at_once_with_a_hint_a_seed_client_can_use(server):
     request = {"img_data": GOOD_IMAGE.tolist(), "target_class": "cat", "n_steps": 200}
     reply = server.post("/explanations/lanet", data=json.dumps(request).encode(), headers=SEED_JSON)

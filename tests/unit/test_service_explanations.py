@@ -122,6 +122,27 @@ def test_an_archive_default_tolerance_applies_unless_the_request_asks_for_steps(
     assert fixed["method"] == "gausslegendre" and fixed["n_steps"] == 7 and "refinement" not in fixed
 
 
+def test_the_default_max_steps_is_lowered_to_fit_the_reply_and_a_chosen_one_is_not(effnet):
+    """The archive's tolerance_max_steps (257) with the path tensors (1.2 MB a step at 224 x 224) does not fit 40 MiB:
+    by default it is lowered to what fits (the reply says from what), a seed request is served, and a max_steps the
+    client chose still gets the 413."""
+    limit = 40 * 2**20
+    settings, _ = read_model_config({"attribution": {"tolerance": 0.02, "max_response_bytes": limit, "internal_batch_size": 32}}, {})
+    service = AttributionService(effnet.adapter, settings)
+    chosen = service.handle_batch([explain({"image": photo("coffee"), "return_path": True, "tolerance": 0.02, "max_steps": 257})])[0]
+    assert chosen.status == 413
+    fitting = int(re.search(r"max_steps=(\d+) or fewer fits", json.loads(chosen.body)["error"]).group(1))
+    assert 21 <= fitting < 257  # 1.2 MB a step: about 34
+    replied = service.handle_batch([explain({"image": photo("coffee"), "return_path": True})])[0]
+    reply = read_reply(replied.body)
+    assert reply["refinement"]["default_max_steps"] == 257 and reply["refinement"]["max_steps"] == fitting
+    assert reply["n_steps"] <= fitting and reply["integrated_directional_grads"].shape[0] == reply["n_steps"] and len(replied.body) < limit
+    seed = service.handle_batch([IncomingRequest(fields={"body": json.dumps({"img_data": photos.coffee()[::5, ::5].tolist()}).encode()}, explain=True)])[0]
+    assert seed.status == 200 and len(seed.body) < limit
+    unbounded = read_reply(service.handle_batch([explain({"image": photo("coffee")})])[0].body)
+    assert unbounded["refinement"]["max_steps"] == 257 and "default_max_steps" not in unbounded["refinement"]
+
+
 def test_idg_hierarchy_of_a_segmenter_goes_image_segments_superpixels(segmenter):
     image = photo("astronaut", (96, 96))
     reply = read_reply(segmenter.handle_batch([explain({"image": image, "idg_hierarchy": 16})])[0].body)

@@ -6,14 +6,19 @@
 (archive.sh passes --handler and --configs.) The model-config is validated, the checkpoint (any file name)
 is read, converted to a plain state dict and loaded strictly, and the staged archive is loaded once the way a
 worker will load it; any problem is reported with its cause and exit status 2, and no archive is written.
+torch-model-archiver writes into a private directory inside --out; the archive is opened and its members checked,
+then renamed over OUT/NAME.mar in one step, so an existing archive is replaced only by a complete one and two
+builds of one name at once never mix their files.
 """
 import argparse
 import importlib
 import json
+import os
 import pickle
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -116,17 +121,40 @@ def build(args: argparse.Namespace) -> Path:
         if given:  # the worker reads the settings from the archive's model-config
             config_path = workdir / "model-config.yaml"
             config_path.write_text(yaml.safe_dump(model_config, sort_keys=False))
+        name = args.name or args.archive
         args.out.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", args.name or args.archive, "--version", "1.0", "--force", "--export-path", str(args.out),
-            "--handler", str(args.handler), "--serialized-file", str(workdir / "weights.pt"),
-            "--extra-files", ",".join(str(path) for path in extra_files), "--config-file", str(config_path),
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BuildError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
-    return args.out / f"{args.name or args.archive}.mar"
+        with tempfile.TemporaryDirectory(prefix=f".{name}.mar-", dir=args.out) as export:
+            command = [
+                sys.executable, "-m", "model_archiver.model_packaging",
+                "--model-name", name, "--version", "1.0", "--export-path", export,
+                "--handler", str(args.handler), "--serialized-file", str(workdir / "weights.pt"),
+                "--extra-files", ",".join(str(path) for path in extra_files), "--config-file", str(config_path),
+            ]  # fmt: skip
+            # torch-model-archiver copies the files into $TMPDIR/NAME, shared by every build of NAME: give it its own
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": stage})
+            if done.returncode != 0:
+                raise BuildError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
+            built = Path(export) / f"{name}.mar"
+            check_members(built, [args.handler, workdir / "weights.pt", config_path, *extra_files])
+            built.replace(args.out / f"{name}.mar")
+    return args.out / f"{name}.mar"
+
+
+def check_members(archive: Path, files: list[Path]) -> None:
+    """BuildError unless `archive` opens as a zip whose members pass their CRC check and include TorchServe's
+    manifest and each of `files` by name, as large as the file."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            damaged = mar.testzip()
+            sizes = {info.filename: info.file_size for info in mar.infolist()}
+    except (OSError, zipfile.BadZipFile) as error:
+        raise BuildError(f"torch-model-archiver wrote an unreadable {archive.name}: {error}") from error
+    if damaged is not None:
+        raise BuildError(f"torch-model-archiver wrote {archive.name} with a damaged member {damaged}")
+    expected = {"MAR-INF/MANIFEST.json": None, **{path.name: path.stat().st_size for path in files}}
+    wrong = [member for member, size in expected.items() if member not in sizes or (size is not None and sizes[member] != size)]
+    if wrong:
+        raise BuildError(f"torch-model-archiver wrote {archive.name} without a complete {', '.join(wrong)}")
 
 
 def parser() -> argparse.ArgumentParser:

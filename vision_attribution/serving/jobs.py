@@ -64,6 +64,7 @@ class ExplanationSpec:
     internal_batch_size: int
     keep_path: bool
     hierarchy_superpixels: Optional[int]  # superpixels of the IDG hierarchy's leaves, or None for no hierarchy
+    default_max_steps: Optional[int] = None  # the archive's default max_steps where rule.max_steps was lowered to fit the reply
 
     @classmethod
     def resolve(cls, options: dict[str, Any], settings: AttributionSettings, seed_reply: bool) -> "ExplanationSpec":

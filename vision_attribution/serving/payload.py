@@ -10,9 +10,12 @@ from ..attribution.engine import PathIntegral
 from ..formats.errors import RequestError
 
 
-def explanation_document(integral: PathIntegral, plan: ExplanationPlan, model_input: ModelInput, baseline: str) -> dict[str, Any]:
+def explanation_document(
+    integral: PathIntegral, plan: ExplanationPlan, model_input: ModelInput, baseline: str, default_max_steps: int | None = None
+) -> dict[str, Any]:
     """Reply to an explanation: the integral, the prediction at the input, what was explained, IDG per mask, and
-    for a tolerance-driven explanation how its refinement ended."""
+    for a tolerance-driven explanation how its refinement ended (with `default_max_steps`, the archive's default
+    max_steps, when it was lowered to what fits the response limit)."""
     payload: dict[str, Any] = {
         "integrated_grads": integral.integrated_grads,
         "step_sizes": integral.step_sizes.unsqueeze(1),
@@ -34,6 +37,8 @@ def explanation_document(integral: PathIntegral, plan: ExplanationPlan, model_in
     )
     if integral.refinement is not None:
         payload["refinement"] = dataclasses.asdict(integral.refinement)
+        if default_max_steps is not None:
+            payload["refinement"]["default_max_steps"] = default_max_steps
     if plan.integral_summary is not None:
         payload.update(plan.integral_summary(integral))
     if plan.groups is not None:
@@ -75,6 +80,12 @@ def estimate_explanation_bytes(
     if hierarchy:
         fixed += model_input.tensor[0, 0].numel() * per_value["float"]
     return fixed + n_steps * per_step, per_step
+
+
+def steps_that_fit(plan: ExplanationPlan, model_input: ModelInput, keep_path: bool, reply_type: str, limit: int, hierarchy: bool = False) -> int:
+    """The most path steps whose estimated reply fits `limit` bytes (0 when not even the fixed part fits)."""
+    fixed, per_step = estimate_explanation_bytes(plan, model_input, 0, keep_path, reply_type, hierarchy)
+    return max(0, int((limit - fixed) // per_step))
 
 
 def refuse_oversize_explanation(

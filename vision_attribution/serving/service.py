@@ -6,6 +6,7 @@ explanations sharing chunks of path points); encode serialises each result in it
 nothing of TorchServe: the handler calls one verb per stage. A request that fails gets its own error reply
 and the rest of its batch is served.
 """
+import dataclasses
 import logging
 from typing import Any, Callable, Union
 
@@ -13,6 +14,7 @@ import torch
 
 from ..adapters.base import ModelAdapter
 from ..attribution.engine import integrate_paths
+from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
 from ..formats.encode import encode_error, encode_gzip_torch, encode_json, encode_npz, encode_png
@@ -21,7 +23,7 @@ from ..formats.requests import ParsedRequest, parse_request
 from ..formats.seed_apis import max_prediction
 from .jobs import ExplanationJob, ExplanationSpec, IncomingRequest, Job, PredictionJob, Protocol, Reply, Result
 from .options import PATH_OPTIONS, checks_for, refuse_explanation_options
-from .payload import explanation_document, refuse_oversize_explanation, refuse_oversize_reply
+from .payload import explanation_document, refuse_oversize_explanation, refuse_oversize_reply, steps_that_fit
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,16 @@ class AttributionService:
         spec = ExplanationSpec.resolve(options, self.settings, seed_reply=seed_keys is not None)
         model_input = adapter.prepare(parsed.image, options)
         plan = adapter.plan_explanation(model_input, options)
+        hierarchy = spec.hierarchy_superpixels is not None
+        if spec.rule.adaptive and "max_steps" not in options:  # the server's default must not fail a request: lower it to fit
+            fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, hierarchy)
+            if ADAPTIVE_MIN_STEPS <= fitting < spec.rule.max_steps:
+                rule = RuleSpec(tolerance=spec.rule.tolerance, max_steps=fitting)
+                spec = dataclasses.replace(spec, rule=rule, default_max_steps=spec.rule.max_steps)
+                log.info("request %s: the default max_steps %d lowered to %d, which fits the response limit", request_id, spec.default_max_steps, fitting)
         refuse_oversize_explanation(
             plan, model_input, spec.rule.most_steps, spec.keep_path, reply_type, self.settings.max_response_bytes, seed_keys is not None,
-            "threshold" in adapter.options, hierarchy=spec.hierarchy_superpixels is not None,
+            "threshold" in adapter.options, hierarchy=hierarchy,
             steps_option="max_steps" if spec.rule.adaptive else "n_steps",
         )
         baseline = adapter.baseline(model_input, spec.baseline)
@@ -138,7 +147,7 @@ class AttributionService:
 
     def _explanation_document(self, job: ExplanationJob, integral) -> dict:
         plan = job.plan
-        document = explanation_document(integral, plan, job.model_input, job.spec.baseline)
+        document = explanation_document(integral, plan, job.model_input, job.spec.baseline, job.spec.default_max_steps)
         if job.spec.hierarchy_superpixels is not None:
             document["idg_hierarchy"] = segment_hierarchy(
                 integral.integrated_grads, job.model_input.tensor - job.baseline,

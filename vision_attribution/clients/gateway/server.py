@@ -6,22 +6,27 @@ own (so that a seed's client needs only the host and port changed), all in one u
 """
 import argparse
 import asyncio
+import base64
+import binascii
 import io
+import json
 import logging
 import os
+import quopri
 import socket
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -32,6 +37,11 @@ from .torchserve import InferenceKey, TorchServeClient
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20  # config.properties' max_request_size
+IGNORED_HEADER = "X-Ignored-Fields"
+"""Names, on a seed's own route, what the client sent and the seed's API ignored: `form:NAME` for a form field,
+`query:NAME` for a query-string parameter (also logged)."""
+MAX_OPTIONS = ("image_size",)
+"""Form fields of POST /model/predict that go on to the archive (MAX fixed image_size at start; here per request)."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +60,63 @@ def _forwarded_headers(request: Request, **fixed: str) -> dict[str, str]:
     return headers
 
 
-def is_an_image(data: bytes) -> bool:
-    """MAX's test: PIL can open it (its header; pixels are decoded by the archive, which checks their number)."""
+def image_type(data: bytes) -> str | None:
+    """MAX's test, PIL can open it (its header; pixels are decoded by the archive, which checks their number): the
+    image's MIME type, or None for what is not an image."""
     try:
-        with Image.open(io.BytesIO(data)):
-            return True
+        with Image.open(io.BytesIO(data)) as image:
+            return image.get_format_mimetype() or "application/octet-stream"
     except Image.DecompressionBombError:
-        return True  # an image, too large: the archive refuses it with 413 and says so
+        return "application/octet-stream"  # an image, too large: the archive refuses it with 413 and says so
     except Exception:  # noqa: BLE001 - whatever PIL cannot open is "not a valid image", as MAX said
-        return False
+        return None
+
+
+def part_bytes(upload: UploadFile, data: bytes) -> bytes:
+    """A multipart file's bytes, its Content-Transfer-Encoding (RFC 2045: base64, quoted-printable) undone, which the
+    form parser leaves in place. HTTPException 400 for an encoding that cannot be undone."""
+    encoding = upload.headers.get("content-transfer-encoding", "binary").strip().lower()
+    if encoding in ("binary", "8bit", "7bit"):
+        return data
+    try:
+        if encoding == "base64":
+            return base64.b64decode(data, validate=False)
+        if encoding == "quoted-printable":
+            return quopri.decodestring(data)
+    except binascii.Error as error:
+        raise HTTPException(400, f"the 'image' part is not valid base64 (Content-Transfer-Encoding: base64): {error}") from None
+    raise HTTPException(400, f"the 'image' part has Content-Transfer-Encoding {encoding!r}; send it as binary, base64 or quoted-printable")
+
+
+def ignored_query(request: Request) -> list[str]:
+    """The query-string parameters of a seed route (the seeds read none)."""
+    return [f"query:{name}" for name in dict.fromkeys(request.query_params.keys())]
+
+
+def naming_ignored(response: Response, ignored: list[str], route: str) -> Response:
+    """`response` with what the seed's API ignored named in IGNORED_HEADER, and logged."""
+    if ignored:
+        response.headers[IGNORED_HEADER] = ", ".join(ignored)
+        log.info("%s: ignored what the seed's API ignores: %s", route, ", ".join(ignored))
+    return response
+
+
+def seed_json(body: bytes, content_encoding: str) -> bytes:
+    """A Flask seed's JSON body as UTF-8, the way Flask's get_json read it (UTF-8 with or without a BOM, UTF-16 and
+    UTF-32, found by json.detect_encoding); a body that is not JSON in another encoding goes on unchanged.
+    HTTPException 400 for a compressed body, which Flask did not decompress."""
+    if content_encoding.lower() not in ("", "identity"):
+        raise HTTPException(400, f"the body is sent with Content-Encoding {content_encoding!r}; this seed's API reads its JSON "
+                                 "uncompressed: send it without Content-Encoding")  # fmt: skip
+    encoding = json.detect_encoding(body[:4])
+    if encoding == "utf-8":
+        return body
+    try:
+        text = body.decode(encoding)
+        json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return body  # not JSON in that encoding: the archive decides what it is
+    return text.encode("utf-8")
 
 
 def _documentation_routes(spec: dict) -> list[Route]:
@@ -83,7 +141,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 
 def _app(routes: list[Route], cors: bool) -> Starlette:
-    middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])] if cors else []
+    middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[IGNORED_HEADER])] if cors else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
 
 
@@ -97,26 +155,43 @@ def max_app(torchserve: TorchServeClient, model: str, cors: bool) -> Starlette:
         return JSONResponse(max_labels())
 
     async def predict(request: Request) -> Response:
-        body = await request.body()
+        """MAX read the file `image` and nothing else: other form fields and the query string are ignored (and named),
+        but for MAX_OPTIONS. TorchServe gets a multipart form the gateway builds: the image's bytes with its own type."""
         async with request.form() as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
+            images = [value for value in form.getlist("image") if isinstance(value, UploadFile)]
+            if not images:
                 return JSONResponse(MAX_MISSING_IMAGE, status_code=400)
-            if not is_an_image(await upload.read()):
+            if len(images) > 1:
+                raise HTTPException(400, f"the form holds {len(images)} 'image' files; send one image per request")
+            data = part_bytes(images[0], await images[0].read())
+            mime_type = image_type(data)
+            if mime_type is None:
                 return JSONResponse(MAX_INVALID_IMAGE, status_code=400)
-        # The whole form goes on unchanged: further fields (e.g. image_size) are the archive's options, checked there.
-        return await torchserve.post(f"/predictions/{model}", body, _forwarded_headers(request, accept=MAX_PREDICTION_TYPE))
+            options: dict[str, str] = {}
+            for name, value in form.multi_items():
+                if name in MAX_OPTIONS:
+                    if name in options or not isinstance(value, str):
+                        raise HTTPException(400, f"send the form field {name!r} once, as text")
+                    options[name] = value
+            ignored = [f"form:{name}" for name in dict.fromkeys(form.keys()) if name != "image" and name not in MAX_OPTIONS]
+        built = httpx.Request("POST", "http://torchserve", files={"image": (images[0].filename or "image", data, mime_type)}, data=options)
+        headers = {"content-type": built.headers["content-type"], "accept": MAX_PREDICTION_TYPE}
+        response = await torchserve.post(f"/predictions/{model}", built.read(), headers)
+        return naming_ignored(response, ignored + ignored_query(request), "POST /model/predict")
 
     routes = [Route("/model/metadata", metadata), Route("/model/labels", labels), Route("/model/predict", predict, methods=["POST"])]
     return _app(routes + _documentation_routes(swagger.max_spec()), cors)
 
 
 def seed_app(torchserve: TorchServeClient, seed: SeedPort, cors: bool) -> Starlette:
-    """A Flask seed's POST /model/: its JSON body goes to TorchServe unchanged, the seed reply comes back unchanged."""
+    """A Flask seed's POST /model/: its JSON body goes to TorchServe (as UTF-8, see seed_json), the seed reply comes
+    back unchanged; the query string, which the seeds never read, is ignored and named."""
     path = f"/{FLASK_SEEDS[seed.seed][1]}/{seed.model}"
 
     async def model(request: Request) -> Response:
-        return await torchserve.post(path, await request.body(), _forwarded_headers(request))
+        body = seed_json(await request.body(), request.headers.get("content-encoding", ""))
+        response = await torchserve.post(path, body, _forwarded_headers(request))
+        return naming_ignored(response, ignored_query(request), f"POST /model/ ({seed.seed})")
 
     try:
         package_version = version("vision-attribution")
@@ -157,13 +232,18 @@ class UploadLimit:
 
 
 class PortDispatch:
-    """One ASGI app for several listening sockets: each request goes to the app of the port it came in on."""
+    """One ASGI app for several listening sockets: each request goes to the app of the port it came in on. A client
+    that disconnects before its request is read is logged in one line, not as a server error."""
 
     def __init__(self, apps_by_port: dict[int, object]):
         self.apps_by_port = apps_by_port
 
     async def __call__(self, scope, receive, send):
-        await self.apps_by_port[scope["server"][1]](scope, receive, send)
+        try:
+            await self.apps_by_port[scope["server"][1]](scope, receive, send)
+        except ClientDisconnect:
+            client = "%s:%s" % tuple(scope.get("client") or ("?", "?"))
+            log.info("%s %s: the client %s disconnected before its request was read", scope.get("method"), scope.get("path"), client)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
