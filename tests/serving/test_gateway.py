@@ -347,7 +347,7 @@ def test_seed_json_in_the_encodings_flask_read(stack, tmp_path):
     """Flask's get_json read UTF-8 with a BOM, UTF-16 and UTF-32: the same reply as plain UTF-8. A gzip body (which
     Flask did not decompress) is refused naming Content-Encoding; a query string is ignored and named."""
     url = f"{stack.gateway.seed_url('bit')}/model/"
-    document = json.dumps({"img_data": np.full((8, 8, 3), 0.5).tolist(), "target_class": 3})
+    document = json.dumps({"img_data": np.full((8, 8, 3), 128).tolist(), "target_class": 3})
     plain = requests.post(url, data=document.encode(), headers=SEED_JSON, timeout=120)
     assert plain.status_code == 200, plain.text
     for body in (b"\xef\xbb\xbf" + document.encode(), document.encode("utf-16"), document.encode("utf-16-le"), document.encode("utf-32")):
