@@ -96,11 +96,11 @@ def refuse_oversize_explanation(
     the most steps the request may use (its `steps_option`: n_steps, or max_steps of a tolerance).
     The message gives the hints that apply: fewer steps, return_path=false, gzip, or (where the model has a
     score threshold and the masks are a large part of the reply) a higher threshold."""
-    estimate, per_step = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type, hierarchy)
+    estimate, _ = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type, hierarchy)
     if estimate <= limit:
         return
     hints = []
-    fitting_steps = int((limit - (estimate - n_steps * per_step)) // per_step)
+    fitting_steps = steps_that_fit(plan, model_input, keep_path, reply_type, limit, hierarchy)
     if keep_path and fitting_steps >= 1:
         hints.append(f"{steps_option}={fitting_steps} or fewer fits")
     if keep_path:
