@@ -370,9 +370,11 @@ def test_upload_limit(stack, tmp_path):
     assert reply == {"error": f"the upload is over this gateway's limit of {UPLOAD_LIMIT_MB * 2**20} bytes (--max-upload-mb)"}
 
     async def streamed_upload() -> httpx.Response:
-        async def chunks():
+        async def chunks():  # a well-formed form whose image part runs past the limit
+            yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
             for _ in range(8):
                 yield b"x" * 1000
+            yield b"\r\n--x--\r\n"
 
         client = TorchServeClient(stack.torchserve.inference, InferenceKey(stack.torchserve.workdir / "key_file.json", None), timeout=10)
         app = UploadLimit(max_app(client, "deeplab", cors=False), 5000)
