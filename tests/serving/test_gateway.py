@@ -10,9 +10,7 @@ import base64
 import gzip
 import io
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+from gateway_harness import Gateway
 from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint
 from replies import SEED_JSON, read_reply
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config
@@ -43,46 +42,6 @@ SEED_STEPS = 16
 SEED_MODELS = {"bit": "bit_16_steps", "lanet": "lanet_16_steps", "tensormask": "tensormask", "swin": "swin"}
 """The TorchServe model behind each Flask seed's port (--seed SEED=PORT:MODEL): this module's bit and lanet archives
 (SEED_STEPS path steps), the shared tensormask and swin archives."""
-
-
-class Gateway:
-    """`vision-attribution gateway` started as a user starts it, in its own process group, stopped by PID."""
-
-    def __init__(self, workdir: Path, torchserve: str, key_file: Path, seeds: dict[str, int], *options: str, models: dict[str, str] | None = None):
-        """seeds: Flask seed -> its port; models: Flask seed -> the TorchServe model answering it (default: the seed's
-        name)."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.seeds = seeds
-        self.log_path = workdir / f"gateway-{self.port}.log"
-        command = [str(BIN / "vision-attribution"), "gateway", "--torchserve", torchserve, "--key-file", str(key_file), "--port", str(self.port)]
-        command += [f"--seed={seed}={port}" + (f":{models[seed]}" if models and seed in models else "") for seed, port in seeds.items()] + list(options)
-        self.process = subprocess.Popen(command, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_listening([self.port, *seeds.values()])
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_listening(self, ports: list[int], timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if all(requests.get(f"http://127.0.0.1:{port}/swagger.json", timeout=5).status_code == 200 for port in ports):
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise TimeoutError(f"the gateway did not listen within {timeout}s:\n{self.log_path.read_text()}")
-
-    def seed_url(self, seed: str) -> str:
-        return f"http://127.0.0.1:{self.seeds[seed]}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 class Stack:

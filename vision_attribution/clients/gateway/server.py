@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from ...formats.seed_apis import FLASK_SEEDS, MAX_INVALID_IMAGE, MAX_METADATA, MAX_MISSING_IMAGE, MAX_PREDICTION_TYPE, max_labels
 from . import swagger
+from .connections import ConnectionLimits, serve_on
 from .torchserve import InferenceKey, TorchServeClient
 
 log = logging.getLogger(__name__)
@@ -277,16 +278,14 @@ async def serve(args: argparse.Namespace) -> None:
     ports = [port for _, port, _ in served if port != 0]
     if len(set(ports)) != len(ports):
         raise SystemExit("vision-attribution gateway: every --seed needs a port of its own, other than --port")
-    import uvicorn
-
     sockets, apps = [], {}
     for label, port, app in served:
         sockets.append(listening_socket(args.host, port))
         apps[sockets[-1].getsockname()[1]] = UploadLimit(app, args.max_upload_mb * 2**20)
         log.info("%s on http://%s:%d", label, args.host, sockets[-1].getsockname()[1])
-    config = uvicorn.Config(PortDispatch(apps), lifespan="off", log_level=args.log_level)
+    limits = ConnectionLimits(args.head_timeout, args.body_timeout, args.keep_alive_timeout, args.max_head_kb * 2**10)
     try:
-        await uvicorn.Server(config).serve(sockets=sockets)
+        await serve_on(PortDispatch(apps), sockets, limits, args.log_level)
     finally:
         await torchserve.close()
 
@@ -301,6 +300,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=parse_seed, action="append", default=[], metavar="SEED=PORT[:MODEL]",
                         help=f"serve a Flask seed's POST /model/ on PORT, answered by TorchServe model MODEL (default SEED); SEED: {', '.join(FLASK_SEEDS)}; repeatable")
     parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_BYTES // 2**20, help="largest request body, in MiB (64, TorchServe's max_request_size here)")
+    parser.add_argument("--max-head-kb", type=int, default=ConnectionLimits.max_head_bytes // 2**10, help="largest request head (request line and headers), in KiB (32); over it: 431")
+    parser.add_argument("--head-timeout", type=float, default=ConnectionLimits.head_timeout, help="seconds a request head may take to arrive, from its first byte or the connection's opening (10); over it: 408")
+    parser.add_argument("--body-timeout", type=float, default=ConnectionLimits.body_timeout, help="seconds a request body may stall without a byte (30); over it: 408")
+    parser.add_argument("--keep-alive-timeout", type=float, default=ConnectionLimits.keep_alive_timeout, help="seconds an idle connection is kept open between requests (5)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for TorchServe's reply (600)")
     parser.add_argument("--cors", action="store_true", help="allow cross-origin requests from any origin (also CORS_ENABLE=true, as MAX)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
