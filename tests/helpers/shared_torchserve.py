@@ -16,7 +16,8 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Iterator
 
-from checkpoint_files import write_lanet_checkpoint, write_swin_fork_checkpoint, write_tensormask_checkpoint
+from checkpoint_files import write_deeplab_checkpoint, write_lanet_checkpoint, write_swin_fork_checkpoint, write_tensormask_checkpoint
+from dextr_data import write_pickled_dextr_model
 from framework_configs import BASE_TENSORMASK_YAML, SMALL_SWIN_CONFIG, SMALL_TENSORMASK_YAML
 from torchserve_harness import TorchServe, build_archive, shipped_model_config
 
@@ -26,6 +27,9 @@ LANET_RESPONSE_LIMIT = 3_000_000
 """lanet's attribution.max_response_bytes: 50-step seed replies fit, 200 steps do not (test_serving_classifiers)."""
 TENSORMASK_STEPS = 3
 SWIN_STEPS = 2
+DEXTR_BOX_LOGIT = 8.0
+"""The dextr archive's logit everywhere in the crop (its mask is exactly the pasted crop, test_dextr_serving)."""
+DEXTR_CROP = 128
 
 
 def _effnet(inputs: Path, store: Path) -> Path:
@@ -67,12 +71,29 @@ def _swin(inputs: Path, store: Path) -> Path:
     return archive
 
 
+def _deeplab(inputs: Path, store: Path) -> Path:
+    """DeepLabV3 MobileNetV3 from a file in torchvision's published layout and name (weights from torchvision's own
+    constructor), one worker."""
+    config = {**shipped_model_config("deeplab"), "minWorkers": 1, "maxWorkers": 1}
+    return build_archive("deeplab", store, config, write_deeplab_checkpoint(inputs, "mobile"), ("--model-type", "mobile"), config_dir=inputs)
+
+
+def _dextr(inputs: Path, store: Path) -> Path:
+    """DEXTR from the published checkpoint's format (a whole pickled DextrModel) at 128x128 crops, its classifier a
+    constant logit DEXTR_BOX_LOGIT, one worker."""
+    checkpoint = write_pickled_dextr_model(inputs / "dextr_pascalvoc_resunet101-a2d81727.pth", size=DEXTR_CROP, padding=10, sigma=10.0, constant_logit=DEXTR_BOX_LOGIT)
+    config = {**shipped_model_config("dextr"), "minWorkers": 1, "maxWorkers": 1}
+    return build_archive("dextr", store, config, checkpoint, ("--trust-checkpoint",), config_dir=inputs)
+
+
 SHARED_ARCHIVES: dict[str, Callable[[Path, Path], Path]] = {
     "effnet": _effnet,  # test_serving_classifiers, test_reliability
     "selfie": _selfie,  # test_serving_selfie, test_reliability
     "lanet": _lanet,  # test_serving_classifiers, test_reliability
     "tensormask": _tensormask,  # test_serving_tensormask, test_reliability, test_gateway
-    "swin": _swin,  # test_serving_swin, test_gateway
+    "swin": _swin,  # test_serving_swin, test_gateway, test_corpus
+    "deeplab": _deeplab,  # test_gateway, test_corpus
+    "dextr": _dextr,  # test_dextr_serving, test_corpus
 }
 """Archive name -> builder(inputs folder, model store) -> the .mar it wrote."""
 
@@ -84,7 +105,8 @@ class SharedTorchServe:
         self.archives: dict[str, Path] = {}
         self.owners: dict[str, str] = {}  # registered model -> "shared" or the private archive's owner
 
-    def _inputs(self, name: str) -> Path:
+    def inputs(self, name: str) -> Path:
+        """The folder of a shared archive's inputs (its checkpoint under the user's file name, its configs)."""
         folder = self.workdir / "archive-inputs" / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
@@ -96,7 +118,7 @@ class SharedTorchServe:
             if self.owners.get(name, "shared") != "shared":
                 raise RuntimeError(f"model {name!r} is registered by {self.owners[name]}, not as the shared archive")
             if name not in self.archives:
-                self.archives[name] = SHARED_ARCHIVES[name](self._inputs(name), self.store)
+                self.archives[name] = SHARED_ARCHIVES[name](self.inputs(name), self.store)
         self.owners.update(dict.fromkeys(missing, "shared"))
         self.server.register(missing)
         return self.server

@@ -178,6 +178,16 @@ class TorchServe:
         """A management API call with the management token (headers may replace it)."""
         return requests.request(method, f"{self.management}{path}", headers={**self.auth("management"), **(headers or {})}, timeout=timeout, **kwargs)
 
+    def scale(self, model: str, workers: int, attempts: int = 3) -> requests.Response:
+        """Scale `model` to `workers` workers synchronously (PUT /models/NAME?min_worker=N&max_worker=N), as an operator
+        does: TorchServe's frontend may answer a scale call made while requests are in flight with 500
+        ConcurrentModificationException (a race in its Java worker bookkeeping), and the call is repeated then."""
+        for _ in range(attempts):
+            reply = self.manage("PUT", f"/models/{model}?min_worker={workers}&max_worker={workers}&synchronous=true")
+            if not (reply.status_code == 500 and "ConcurrentModificationException" in reply.text):
+                return reply
+        return reply
+
     def process_ids(self) -> list[int]:
         """Every live process of the server's process group: the launcher, the Java frontend and the workers."""
         group = []

@@ -2,9 +2,9 @@
 Redis mode against a real redis-server (restart included) and its folder-poll mode, all through the client's
 commands as a user runs them.
 
-Two archives are served (by the run's shared TorchServe, for this module): `dextr`, built from the published checkpoint's format (a whole pickled DextrModel, 128x128
-crops, its classifier set to a constant logit so that the mask is exactly the pasted crop), and `dextr_trained`,
-built from what `vision-attribution dextr-train` wrote.
+Two archives are served by the run's shared TorchServe: its `dextr`, built from the published checkpoint's format (a
+whole pickled DextrModel, 128x128 crops, its classifier set to a constant logit so that the mask is exactly the pasted
+crop), and this module's `dextr_trained`, built from what `vision-attribution dextr-train` wrote.
 """
 import base64
 import io
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from dextr_data import seed_resunet, write_pickled_dextr_model, write_voc_dataset
+from dextr_data import seed_resunet, write_voc_dataset
+from shared_torchserve import DEXTR_BOX_LOGIT, DEXTR_CROP
 from redis_harness import RedisServer
 from replies import read_reply
 from torchserve_harness import build_archive, jpeg_bytes, shipped_model_config
@@ -30,8 +31,7 @@ from vision_attribution.networks.dextr import CropSettings, network_input, new_n
 from vision_attribution.training.dextr import InstanceMasks, extreme_points, split_images
 
 CLIENT = str(Path(sys.executable).parent / "vision-attribution")
-BOX_LOGIT = 8.0  # the `dextr` archive's logit everywhere in the crop
-BOX_CROP = CropSettings((128, 128), 10, 10.0)
+BOX_CROP = CropSettings((DEXTR_CROP, DEXTR_CROP), 10, 10.0)  # the shared `dextr` archive's crops
 TRAIN = ["--batch-size", "4", "--crop-size", "64", "--padding", "4", "--blob-sigma", "4", "--optimizer", "adam",
          "--lr", "0.001", "--val-fraction", "0.25", "--val-every", "6", "--checkpoint-every", "3"]  # fmt: skip
 POINTS = [[150, 30], [300, 200], [160, 500], [20, 300]]
@@ -40,7 +40,7 @@ POINTS = [[150, 30], [300, 200], [160, 500], [20, 300]]
 def box_mask(image_shape: tuple[int, int], points, threshold: float = 0.5) -> np.ndarray:
     """What the `dextr` archive must answer: the crop around the points, pasted back, thresholded."""
     _, box = network_input(np.zeros((*image_shape, 3), np.uint8), np.asarray(points, dtype=np.float64), BOX_CROP)
-    constant = np.full(BOX_CROP.size, torch.sigmoid(torch.tensor(BOX_LOGIT)).item(), dtype=np.float32)
+    constant = np.full(BOX_CROP.size, torch.sigmoid(torch.tensor(DEXTR_BOX_LOGIT)).item(), dtype=np.float32)
     return paste_probability(constant, box, image_shape) / 255.0 >= threshold
 
 
@@ -65,11 +65,8 @@ def trained(tmp_path_factory):
 def server(shared_torchserve, tmp_path_factory, trained):
     workdir = tmp_path_factory.mktemp("torchserve-dextr")
     config = {**shipped_model_config("dextr"), "minWorkers": 1, "maxWorkers": 1}
-    published = write_pickled_dextr_model(workdir / "dextr_pascalvoc_resunet101-a2d81727.pth", size=128, padding=10, sigma=10.0, constant_logit=BOX_LOGIT)
-    archives = {
-        "dextr": lambda store: build_archive("dextr", store, config, published, ("--trust-checkpoint",), config_dir=workdir),
-        "dextr_trained": lambda store: build_archive("dextr", store, config, trained["out"] / "checkpoint.pt", name="dextr_trained", config_dir=workdir),
-    }
+    shared_torchserve.serve("dextr")
+    archives = {"dextr_trained": lambda store: build_archive("dextr", store, config, trained["out"] / "checkpoint.pt", name="dextr_trained", config_dir=workdir)}
     with shared_torchserve.private(archives, __name__) as serving:
         yield serving
 

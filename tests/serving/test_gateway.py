@@ -1,5 +1,5 @@
 """End to end: the seeds' own HTTP APIs through `vision-attribution gateway`, in front of a real TorchServe (the
-run's shared one: its tensormask and swin archives, and this module's deeplab, bit and lanet).
+run's shared one: its tensormask, swin and deeplab archives, and this module's bit and lanet).
 
 MAX Image Segmenter (the deeplab archive, its weights written by torchvision's own constructor in torchvision's
 key layout) is held to MAX's own test expectations; the Flask seeds' curl lines from their READMEs run as
@@ -26,7 +26,7 @@ from PIL import Image
 from skimage import data as photos
 
 from gateway_harness import Gateway
-from checkpoint_files import deeplab_torchvision, write_bit_checkpoint, write_deeplab_checkpoint, write_lanet_checkpoint
+from checkpoint_files import DEEPLAB_FILE_NAMES, deeplab_torchvision, write_bit_checkpoint, write_lanet_checkpoint
 from replies import SEED_JSON, read_reply
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config
 from vision_attribution.clients.cli import load_reply
@@ -52,9 +52,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(shared_torchserve, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway")
-    deeplab_checkpoint = write_deeplab_checkpoint(workdir, "mobile")
     archives = {  # this module's archives: (archive, checkpoint, options)
-        "deeplab": ("deeplab", deeplab_checkpoint, ["--model-type", "mobile"]),
         SEED_MODELS["bit"]: ("bit", write_bit_checkpoint(workdir / "bit.pth.tar"), []),
         SEED_MODELS["lanet"]: ("lanet", write_lanet_checkpoint(workdir / "top1.pt"), []),
     }
@@ -66,7 +64,8 @@ def stack(shared_torchserve, tmp_path_factory):
             config["attribution"]["n_steps"] = SEED_STEPS
         return lambda store: build_archive(archive, store, config, checkpoint, options, name=name, config_dir=workdir)
 
-    shared_torchserve.serve("tensormask", "swin")  # swin: mmdet's test resize to 192x128, so that a CPU test stays fast
+    shared_torchserve.serve("tensormask", "swin", "deeplab")  # swin: mmdet's test resize to 192x128, so that a CPU test stays fast
+    deeplab_checkpoint = shared_torchserve.inputs("deeplab") / DEEPLAB_FILE_NAMES["mobile"]
     with shared_torchserve.private({name: builder(name, *recipe) for name, recipe in archives.items()}, __name__) as torchserve:
         seeds = {"bit": free_port(), "lanet": free_port(), "tensormask": free_port(), "swin": free_port()}
         gateway = Gateway(workdir, torchserve.inference, torchserve.workdir / "key_file.json", seeds, "--max-upload-mb", str(UPLOAD_LIMIT_MB), models=SEED_MODELS)

@@ -13,21 +13,18 @@ Every request has a timeout.
 """
 import base64
 import dataclasses
-import io
 import json
 import os
 import random
 import resource
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -36,6 +33,7 @@ from PIL import Image
 from skimage import data as photos
 
 from checkpoint_files import png16
+from corpus import Case, encoded, pixel_bomb_png, png_header_only
 from replies import SEED_JSON, read_reply
 from sample_images import grace_hopper
 from shared_torchserve import BATCHING
@@ -54,28 +52,6 @@ def server(shared_torchserve):
 
 
 # Images ---------------------------------------------------------------------------------------------------------
-
-
-def encoded(image: Image.Image, image_format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header announces width x height RGB pixels but whose data is empty: refusing it with 413
-    (not 400 "truncated") shows that the size was checked from the header, before any decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
-def pixel_bomb_png() -> bytes:
-    """12000 x 12000 one-bit pixels in 20 kB."""
-    return encoded(Image.new("1", (12000, 12000)), "PNG")
 
 
 COFFEE = Image.fromarray(photos.coffee()).resize((200, 133))
@@ -127,20 +103,6 @@ def assert_served_normally(server: TorchServe, model: str) -> None:
 
 
 # The bad-input corpus ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Case:
-    """One request of the corpus and what must come back: `status`, and `expect` in the JSON error (4xx) or,
-    for a 200, the predicted class (classifiers) or label (selfie); None: any prediction."""
-
-    model: str
-    status: int
-    expect: Optional[str]
-    data: object = None
-    files: Optional[dict] = None
-    headers: dict = dataclasses.field(default_factory=dict)
-    kind: str = "predictions"
 
 
 def seed_json(document: dict) -> bytes:
@@ -437,12 +399,12 @@ def test_scaling_workers_up_and_down_under_load_fails_no_request(server):
         clients = [pool.submit(load, index) for index in range(4)]
         try:
             served(2)
-            up = server.manage("PUT", "/models/lanet?min_worker=2&max_worker=2&synchronous=true")
+            up = server.scale("lanet", 2)
             assert up.status_code == 200, up.text
             assert len(server.worker_pids("lanet")) == 2 and server.workers_ready("lanet")
             served(4)
             scaling_down_from = time.monotonic()
-            down = server.manage("PUT", "/models/lanet?min_worker=1&max_worker=1&synchronous=true")
+            down = server.scale("lanet", 1)
             assert down.status_code == 200, down.text
             assert len(server.worker_pids("lanet")) == 1 and server.workers_ready("lanet")
             served(2)
