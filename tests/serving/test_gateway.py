@@ -10,6 +10,7 @@ import base64
 import gzip
 import io
 import json
+import quopri
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,8 @@ from PIL import Image
 from skimage import data as photos
 
 from gateway_harness import Gateway
-from checkpoint_files import DEEPLAB_FILE_NAMES, deeplab_torchvision, write_bit_checkpoint, write_lanet_checkpoint
+from checkpoint_files import DEEPLAB_FILE_NAMES, deeplab_torchvision, png16, write_bit_checkpoint, write_lanet_checkpoint
+from corpus import encoded, pixel_bomb_png, png_header_only
 from replies import SEED_JSON, read_reply
 from torchserve_harness import TorchServe, build_archive, free_port, jpeg_bytes, shipped_model_config
 from vision_attribution.clients.cli import load_reply
@@ -488,3 +490,184 @@ def test_swagger_ui_renders_in_chromium(stack, tmp_path):
     subprocess.run(["chromium", *flags, f"--screenshot={screenshot}", f"{stack.gateway.url}/"], capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(screenshot).convert("L"))
     assert pixels.shape == (900, 1200) and pixels.std() > 10  # a rendered page, not a blank one
+
+
+# Corpora: what careless and hostile clients send to MAX's routes and the seed ports ---------------------------------
+
+SMALL_COFFEE = Image.fromarray(photos.coffee()).resize((96, 64))
+SMALL_JPEG = jpeg_bytes(np.asarray(SMALL_COFFEE))
+FAST = {"image_size": "64"}  # deeplab at 64 pixels: MAX's cases stay quick on 2 cores
+
+
+def hand_written_form(*parts: tuple[list[str], bytes]) -> dict:
+    """Request arguments: a multipart body written by hand (see multipart) and its Content-Type."""
+    return {"data": multipart(list(parts), "corpus"), "headers": {"Content-Type": "multipart/form-data; boundary=corpus"}}
+
+
+def image_part(data: bytes, *lines: str, content_type: str = "image/jpeg") -> tuple[list[str], bytes]:
+    return ['Content-Disposition: form-data; name="image"; filename="coffee.jpg"', f"Content-Type: {content_type}", *lines], data
+
+
+def field_part(name: str, value: str) -> tuple[list[str], bytes]:
+    return [f'Content-Disposition: form-data; name="{name}"'], value.encode()
+
+
+def gzipped(request: dict) -> dict:
+    return {"data": gzip.compress(request["data"]), "headers": {**request["headers"], "Content-Encoding": "gzip"}}
+
+
+def max_ok(ignored: str | None = None, size: list[int] | None = None):
+    """MAX's 200 reply: status ok, seg_map rows; `ignored`: the X-Ignored-Fields header (None: absent)."""
+
+    def check(reply: requests.Response) -> None:
+        result = reply.json()
+        assert result["status"] == "ok" and len(result["seg_map"]) == result["image_size"][1]
+        if size is not None:
+            assert result["image_size"] == size
+        assert reply.headers.get(IGNORED) == ignored
+
+    return check
+
+
+class GatewayCase:
+    """A request to the gateway's MAX port ("max") or a seed's port, and what must come back: the status, and
+    `expect` in the JSON error's `error` or `message` (4xx), or a check of the 200 reply."""
+
+    def __init__(self, port: str, status: int, expect, method: str, path: str, request: dict):
+        self.port, self.status, self.expect, self.method, self.path, self.request = port, status, expect, method, path, request
+
+
+def max_case(status: int, expect, method: str = "POST", path: str = "/model/predict", **request) -> GatewayCase:
+    return GatewayCase("max", status, expect, method, path, request)
+
+
+MAX_CORPUS = {
+    "empty body": max_case(400, "Input payload validation failed", data=b""),
+    "a JSON body": max_case(400, "Input payload validation failed", json={"image": "abc"}),
+    "a form without image": max_case(400, "Input payload validation failed", files={"picture": SMALL_JPEG}),
+    "image sent as a text field": max_case(400, "Input payload validation failed", data={"image": "coffee.jpg"}),
+    "not an image": max_case(400, "The provided input is not a valid image.", files={"image": b"plain text"}),
+    "an empty image file": max_case(400, "The provided input is not a valid image.", files={"image": b""}),
+    "truncated jpeg": max_case(400, "truncated or corrupt", files={"image": SMALL_JPEG[:700]}),
+    "two images": max_case(400, "2 'image' files", files=[("image", SMALL_JPEG), ("image", SMALL_JPEG)]),
+    "image_size twice": max_case(400, "send the form field 'image_size' once", files={"image": SMALL_JPEG}, data=[("image_size", "64"), ("image_size", "96")]),
+    "image_size as a file": max_case(400, "send the form field 'image_size' once, as text", files={"image": SMALL_JPEG, "image_size": b"64"}),
+    "image_size under 16": max_case(400, "'image_size' must be between 16 and 1024", files={"image": SMALL_JPEG}, data={"image_size": "8"}),
+    "image_size a word": max_case(400, "'image_size' must be an integer, got 'large'", files={"image": SMALL_JPEG}, data={"image_size": "large"}),
+    "image_size of 400 digits": max_case(400, "'image_size' must be between 16 and 1024", files={"image": SMALL_JPEG}, data={"image_size": "9" * 400}),
+    "pixel bomb png": max_case(413, "over the limit", files={"image": pixel_bomb_png()}),
+    "png header announcing 64 megapixels": max_case(413, "over the limit of 36000000", files={"image": png_header_only(8000, 8000)}),
+    "animated gif": max_case(400, "frames (an animation or a multi-page file)", files={"image": encoded(SMALL_COFFEE, "GIF", save_all=True, append_images=[SMALL_COFFEE.rotate(90)] * 2)}),
+    "invalid base64 part": max_case(400, "not valid base64", **hand_written_form(image_part(b"abc", "Content-Transfer-Encoding: base64"))),
+    "uuencoded part": max_case(400, "Content-Transfer-Encoding 'x-uuencode'", **hand_written_form(image_part(SMALL_JPEG, "Content-Transfer-Encoding: x-uuencode"))),
+    "multipart without a boundary": max_case(400, "boundary", data=b"--x\r\n\r\n", headers={"Content-Type": "multipart/form-data"}),
+    "gzip-compressed form": max_case(400, "Content-Encoding 'gzip'", **gzipped(hand_written_form(image_part(SMALL_JPEG)))),
+    "GET /model/predict": max_case(405, "Method Not Allowed", method="GET"),
+    "PUT /model/predict": max_case(405, "Method Not Allowed", method="PUT", files={"image": SMALL_JPEG}),
+    "POST /model/metadata": max_case(405, "Method Not Allowed", path="/model/metadata", data=b"{}"),
+    "an unknown route": max_case(404, "Not Found", method="GET", path="/model/train"),
+    "a Swagger UI file that is not there": max_case(404, "no such file: exploit.js", method="GET", path="/swagger-ui/exploit.js"),
+    "a path out of the Swagger UI folder": max_case(404, "Not Found", method="GET", path="/swagger-ui/..%2F..%2Fserver.py"),
+    "MAX's web app's type field": max_case(200, max_ok("form:type"), files={"image": SMALL_JPEG}, data={"type": "undefined", **FAST}),
+    "a query string": max_case(200, max_ok("query:image_size, query:debug"), path="/model/predict?image_size=16&debug=1", files={"image": SMALL_JPEG}, data=FAST),
+    "a field with a non-ASCII name": max_case(200, max_ok("form:légende"), files={"image": SMALL_JPEG}, data={"légende": "café", **FAST}),
+    "base64 part": max_case(200, max_ok(size=[513, 342]), **hand_written_form(image_part(base64.b64encode(photo_bytes()), "Content-Transfer-Encoding: base64"))),
+    "quoted-printable part": max_case(200, max_ok(), **hand_written_form(image_part(quopri.encodestring(SMALL_JPEG), "Content-Transfer-Encoding: quoted-printable"), field_part("image_size", "64"))),
+    "a bogus charset on the part": max_case(200, max_ok(), **hand_written_form(image_part(SMALL_JPEG, content_type="image/jpeg; charset=x-bogus"), field_part("image_size", "64"))),
+    "a JPEG labelled text/plain": max_case(200, max_ok(), files={"image": ("coffee.txt", SMALL_JPEG, "text/plain")}, data=FAST),
+    "a file name with a path": max_case(200, max_ok(), files={"image": ("../../etc/passwd", SMALL_JPEG, "image/jpeg")}, data=FAST),
+    "16-bit png": max_case(200, max_ok(size=[64, 42]), files={"image": png16(np.asarray(SMALL_COFFEE).astype(np.uint16) * 257)}, data=FAST),
+    "one pixel": max_case(200, max_ok(size=[64, 64]), files={"image": encoded(Image.new("RGB", (1, 1)), "PNG")}, data=FAST),
+    "an Accept header MAX never read": max_case(200, max_ok(), files={"image": SMALL_JPEG}, data=FAST, headers={"Accept": "text/html"}),
+}
+
+TENSORMASK_SEED = json.dumps({"img_data": np.asarray(SMALL_COFFEE)[:, :, ::-1].transpose(2, 0, 1).tolist()})
+"""The tensormask seed's request: CHW BGR pixels (prepare_input.py --layout chw-bgr)."""
+
+
+def seed_ok(ignored: str | None = None):
+    def check(reply: requests.Response) -> None:
+        assert read_reply(reply.content)["pred_masks"].shape[1:] == (64, 96)
+        assert reply.headers.get(IGNORED) == ignored
+
+    return check
+
+
+def seed_case(port: str, status: int, expect, data: bytes | str = TENSORMASK_SEED, headers: dict = SEED_JSON, method: str = "POST", path: str = "/model/") -> GatewayCase:
+    return GatewayCase(port, status, expect, method, path, {"data": data, "headers": headers})
+
+
+def pixels(value: str) -> str:
+    return '{"img_data": %s}' % value
+
+
+SEED_CORPUS = {
+    "invalid json": seed_case("tensormask", 400, "not valid JSON", "{not json"),
+    "json list": seed_case("tensormask", 400, "must be an object, got list", "[1, 2, 3]"),
+    "missing img_data": seed_case("tensormask", 400, "needs 'img_data'", '{"image_data": [[[0, 0, 0]]]}'),
+    "empty body": seed_case("tensormask", 400, "empty", ""),
+    "curl --data without a Content-Type": seed_case("tensormask", 400, "Content-Type is application/x-www-form-urlencoded", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    "ragged pixels": seed_case("tensormask", 400, "rectangular", pixels("[[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]")),
+    "pixels over 255": seed_case("tensormask", 400, "0..255", pixels("[[[300]], [[0]], [[0]]]")),
+    "NaN pixels": seed_case("tensormask", 400, "NaN", pixels("[[[NaN]], [[0]], [[0]]]")),
+    "a pixel of 400 digits": seed_case("tensormask", 400, "0..255", pixels("[[[%s]], [[0]], [[0]]]" % ("9" * 400))),
+    "a pixel of 1e400": seed_case("tensormask", 400, "infinite", pixels("[[[1e400]], [[0]], [[0]]]")),
+    "strings as pixels": seed_case("tensormask", 400, "numbers", pixels('[[["a"]], [["b"]], [["c"]]]')),
+    "nested too deeply": seed_case("tensormask", 400, "nested too deeply", '{"img_data": ' + "[" * 10_000),
+    "two channels": seed_case("tensormask", 400, "2 channels", pixels(json.dumps(np.zeros((2, 8, 8), dtype=int).tolist()))),
+    "gzip-compressed json": seed_case("tensormask", 400, "Content-Encoding 'gzip'", gzip.compress(TENSORMASK_SEED.encode()), {**SEED_JSON, "Content-Encoding": "gzip"}),
+    "brotli-compressed json": seed_case("tensormask", 400, "Content-Encoding 'br'", TENSORMASK_SEED, {**SEED_JSON, "Content-Encoding": "br"}),
+    "UTF-16 that is not JSON": seed_case("tensormask", 400, "its first bytes show UTF-16, but it is not valid JSON in UTF-16", "{not json}".encode("utf-16")),
+    "latin-1 bytes in a string": seed_case("tensormask", 400, "not valid JSON", '{"img_data": [[[0]]], "note": "caf\xe9"}'.encode("latin-1")),
+    "an Accept it cannot answer": seed_case("tensormask", 406, "cannot reply", headers={**SEED_JSON, "Accept": "text/html"}),
+    "GET /model/": seed_case("tensormask", 405, "Method Not Allowed", method="GET"),
+    "an unknown route": seed_case("tensormask", 404, "Not Found", path="/model/predict"),
+    "bit: an unknown class": seed_case("bit", 400, "unknown class 'unicorn'", '{"img_data": [[[0, 0, 0]]], "target_class": "unicorn"}'),
+    "bit: an unknown field": seed_case("bit", 400, "unknown field(s) ['colour']", '{"img_data": [[[0, 0, 0]]], "colour": "red"}'),
+    "bit: a class index out of range": seed_case("bit", 400, "out of range", '{"img_data": [[[0, 0, 0]]], "target_class": 10}'),
+    "lanet: n_steps zero": seed_case("lanet", 400, "'n_steps' must be between 1 and", '{"img_data": [[[0, 0, 0]]], "n_steps": 0}'),
+    "lanet: a fractional pixel": seed_case("lanet", 400, "fractional", '{"img_data": [[[0.5, 0, 0]]]}'),
+    "swin: two channels": seed_case("swin", 400, "2 channels", pixels(json.dumps(np.zeros((8, 8, 2), dtype=int).tolist()))),
+    "swin: threshold over 1": seed_case("swin", 400, "'threshold' must be a number between 0 and 1", '{"img_data": [[[0, 0, 0]]], "threshold": 2}'),
+    "a UTF-8 BOM": seed_case("tensormask", 200, seed_ok(), b"\xef\xbb\xbf" + TENSORMASK_SEED.encode()),
+    "UTF-16 with a BOM": seed_case("tensormask", 200, seed_ok(), TENSORMASK_SEED.encode("utf-16")),
+    "UTF-16 big-endian without a BOM": seed_case("tensormask", 200, seed_ok(), TENSORMASK_SEED.encode("utf-16-be")),
+    "UTF-32": seed_case("tensormask", 200, seed_ok(), TENSORMASK_SEED.encode("utf-32")),
+    "a query string": seed_case("tensormask", 200, seed_ok("query:threshold"), path="/model/?threshold=0.9"),
+    "no Content-Type": seed_case("tensormask", 200, seed_ok(), headers={}),
+    "a chunked body without a length": seed_case("tensormask", 200, seed_ok(), iter([TENSORMASK_SEED[:1000].encode(), TENSORMASK_SEED[1000:].encode()])),
+    "Content-Encoding identity": seed_case("tensormask", 200, seed_ok(), headers={**SEED_JSON, "Content-Encoding": "identity"}),
+}
+
+
+def gateway_url(stack: Stack, port: str) -> str:
+    return stack.gateway.url if port == "max" else stack.gateway.seed_url(port)
+
+
+def assert_gateway_serves(stack: Stack, port: str) -> None:
+    """The next request on that port is served: MAX's predict of a small photo, or the tensormask seed's request."""
+    if port == "max":
+        reply = requests.post(f"{stack.gateway.url}/model/predict", files={"image": SMALL_JPEG}, data=FAST, timeout=120)
+        max_ok()(reply)
+    else:
+        seed_ok()(requests.post(f"{stack.gateway.seed_url('tensormask')}/model/", data=TENSORMASK_SEED, headers=SEED_JSON, timeout=120))
+
+
+@pytest.mark.parametrize("name", [f"max: {name}" for name in MAX_CORPUS] + [f"seed: {name}" for name in SEED_CORPUS])
+def test_bad_requests_to_the_gateway_get_a_clear_4xx_and_the_next_request_is_served(stack, name):
+    kind, _, case_name = name.partition(": ")
+    case = (MAX_CORPUS if kind == "max" else SEED_CORPUS)[case_name]
+    reply = requests.request(case.method, gateway_url(stack, case.port) + case.path, timeout=120, **case.request)
+    assert reply.status_code == case.status, reply.text[:500]
+    if case.status == 200:
+        case.expect(reply)
+    else:
+        assert reply.headers["content-type"].startswith("application/json"), reply.text[:300]
+        error = reply.json()
+        assert case.expect in str(error.get("error", error.get("message"))), error
+    assert stack.gateway.process.poll() is None
+    assert_gateway_serves(stack, "max" if kind == "max" else "seed")
+
+
+def test_the_gateway_corpora_have_at_least_30_cases_each():
+    assert len(MAX_CORPUS) >= 30 and len(SEED_CORPUS) >= 30

@@ -1,10 +1,12 @@
 """Values no client should send, refused by name instead of failing the worker: numbers too large for a float
-(400 digits of JSON), and images with a side of one pixel for DEXTR's contours."""
+(400 digits of JSON) in options and in a seed's pixel lists, and images with a side of one pixel for DEXTR's
+contours."""
 import numpy as np
 import pytest
 
 from vision_attribution.adapters.interactive import mask_contours
 from vision_attribution.formats import values
+from vision_attribution.formats.decode import PixelLayout, decode_pixel_lists
 from vision_attribution.formats.errors import RequestError
 from vision_attribution.formats.requests import parse_options
 
@@ -25,6 +27,14 @@ def test_a_number_too_large_for_a_float_is_a_400_naming_the_option(name, check, 
     with pytest.raises(RequestError, match=f"option '{name}' {message}") as caught:
         parse_options({name: value}, {name: check})
     assert caught.value.status == 400 and len(caught.value.message) < 300
+
+
+@pytest.mark.parametrize("layout", [PixelLayout("HWC", "RGB"), PixelLayout("CHW", "BGR")])
+def test_a_pixel_too_large_for_a_float_is_a_400(layout):
+    """Found by the gateway's seed corpus: it was a 500 (OverflowError from numpy)."""
+    with pytest.raises(RequestError, match="'img_data' holds an integer too large for any number type") as caught:
+        decode_pixel_lists([[[HUGE, 0, 0]]] if layout.axes == "HWC" else [[[HUGE]], [[0]], [[0]]], layout)
+    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (300, 1), (1, 20000), (2, 1)])

@@ -115,6 +115,8 @@ def decode_pixel_lists(values, layout: PixelLayout, max_pixels: int = DEFAULT_MA
         array = np.asarray(values, dtype=np.float64)
     except (ValueError, TypeError) as error:
         raise RequestError(f"'{field}' must be a rectangular nested list of numbers ({layout.describe()}): {error}") from error
+    except OverflowError:
+        raise RequestError(f"'{field}' holds an integer too large for any number type; pixels must be integers 0..255") from None
     if layout.grey_and_alpha and array.ndim == 2:
         array = array[..., None] if layout.axes == "HWC" else array[None]
     if array.ndim != 3:

@@ -102,21 +102,30 @@ def naming_ignored(response: Response, ignored: list[str], route: str) -> Respon
     return response
 
 
-def seed_json(body: bytes, content_encoding: str) -> bytes:
-    """A Flask seed's JSON body as UTF-8, the way Flask's get_json read it (UTF-8 with or without a BOM, UTF-16 and
-    UTF-32, found by json.detect_encoding); a body that is not JSON in another encoding goes on unchanged.
-    HTTPException 400 for a compressed body, which Flask did not decompress."""
-    if content_encoding.lower() not in ("", "identity"):
-        raise HTTPException(400, f"the body is sent with Content-Encoding {content_encoding!r}; this seed's API reads its JSON "
+def refuse_content_encoding(content_encoding: str, reads: str) -> None:
+    """HTTPException 400 for a compressed body: the seeds' servers read `reads` uncompressed."""
+    if content_encoding.strip().lower() not in ("", "identity"):
+        raise HTTPException(400, f"the body is sent with Content-Encoding {content_encoding!r}; this seed's API reads {reads} "
                                  "uncompressed: send it without Content-Encoding")  # fmt: skip
+
+
+def seed_json(body: bytes, content_encoding: str, content_type: str = "") -> bytes:
+    """A Flask seed's JSON body as UTF-8, the way Flask's get_json read it (UTF-8 with or without a BOM, UTF-16 and
+    UTF-32, found by json.detect_encoding). HTTPException 400 for a compressed body, which Flask did not decompress,
+    and for a body labelled JSON that is not JSON in the encoding its first bytes show; a body not labelled JSON that
+    is not JSON in that encoding goes on unchanged (the archive decides what it is: an image, say)."""
+    refuse_content_encoding(content_encoding, "its JSON")
     encoding = json.detect_encoding(body[:4])
     if encoding == "utf-8":
         return body
     try:
         text = body.decode(encoding)
         json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return body  # not JSON in that encoding: the archive decides what it is
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        if content_type.split(";")[0].strip().lower() == "application/json":
+            raise HTTPException(400, f"the body is labelled JSON and its first bytes show {encoding.upper()}, but it is not valid JSON "
+                                     f"in {encoding.upper()}: {str(error)[:200]}") from None  # fmt: skip
+        return body
     return text.encode("utf-8")
 
 
@@ -157,7 +166,9 @@ def max_app(torchserve: TorchServeClient, model: str, cors: bool) -> Starlette:
 
     async def predict(request: Request) -> Response:
         """MAX read the file `image` and nothing else: other form fields and the query string are ignored (and named),
-        but for MAX_OPTIONS. TorchServe gets a multipart form the gateway builds: the image's bytes with its own type."""
+        but for MAX_OPTIONS. TorchServe gets a multipart form the gateway builds: the image's bytes with its own type.
+        A compressed body (Content-Encoding), which MAX's Flask did not decompress either, is a 400 that says so."""
+        refuse_content_encoding(request.headers.get("content-encoding", ""), "a multipart form")
         async with request.form() as form:
             images = [value for value in form.getlist("image") if isinstance(value, UploadFile)]
             if not images:
@@ -190,7 +201,7 @@ def seed_app(torchserve: TorchServeClient, seed: SeedPort, cors: bool) -> Starle
     path = f"/{FLASK_SEEDS[seed.seed][1]}/{seed.model}"
 
     async def model(request: Request) -> Response:
-        body = seed_json(await request.body(), request.headers.get("content-encoding", ""))
+        body = seed_json(await request.body(), request.headers.get("content-encoding", ""), request.headers.get("content-type", ""))
         response = await torchserve.post(path, body, _forwarded_headers(request))
         return naming_ignored(response, ignored_query(request), f"POST /model/ ({seed.seed})")
 
