@@ -1,15 +1,21 @@
-"""Soak: the mixed load of tests/serving/test_reliability.py for a few minutes against one real TorchServe.
+"""Soak: a mixed load for minutes against one real TorchServe and the gateway in front of it.
 
-The server and its four archives are those of test_reliability.py (effnet and selfie with real weights, lanet and
-tensormask small; one worker each, batching on). First every request of the load is sent alone: its reply is the
-reference. Then CLIENTS threads send the requests in shuffled order without pause: `--warmup` seconds, a snapshot
-of every worker's resident memory (VmRSS) and open file descriptors, `--duration` seconds more, a second snapshot.
-An error is any reply that differs from its request's reference (status or content), a request that raised (every
-request has a timeout), or a worker replaced during the run. Goals: 0 errors, RSS and descriptors within 5%.
+The server holds six archives, built as the serving tests build them (tests/helpers/shared_torchserve.py): effnet and
+selfie (real weights), lanet, tensormask, deeplab and dextr (checkpoints in the users' layouts), one worker each,
+batching on where the archive batches. `vision-attribution gateway` serves MAX's routes (deeplab) and the tensormask
+seed's port. The load is test_reliability.py's concurrent requests plus deeplab and dextr predictions and explanations,
+MAX's predict, the tensormask seed's request and bad requests through the gateway.
 
-    .venv/bin/python bench/soak.py [--duration 180 --warmup 45 --clients 16]
+First every request is sent alone: its reply is the reference. Then CLIENTS threads send the requests in shuffled
+order without pause: `--warmup` seconds, a snapshot of every process's resident memory (VmRSS) and open file
+descriptors (each worker, the Java frontend, the gateway), `--duration` seconds more, a second snapshot. An error is
+any reply that differs from its request's reference (status or content), a request that raised (every request has a
+timeout), or a process replaced during the run. Goals: 0 errors, RSS and descriptors within 5% after the warm-up.
+
+    .venv/bin/python bench/soak.py [--duration 900 --warmup 120 --clients 16]
 """
 import argparse
+import json
 import os
 import random
 import sys
@@ -19,10 +25,54 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_reliability import MODELS, RESPONSE_TIMEOUT, build_archives, concurrent_jobs, same_answer  # noqa: E402
+import numpy as np
+import requests
+from skimage import data as photos
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(TESTS / "helpers"), str(TESTS / "serving")]
+from gateway_harness import Gateway  # noqa: E402
+from replies import SEED_JSON  # noqa: E402
+from shared_torchserve import SHARED_ARCHIVES  # noqa: E402
+from test_reliability import RESPONSE_TIMEOUT, Job, concurrent_jobs, read_gzip, read_logits, same_answer  # noqa: E402
 from timing import print_table  # noqa: E402
-from torchserve_harness import TorchServe  # noqa: E402
+from torchserve_harness import TorchServe, free_port, jpeg_bytes  # noqa: E402
+
+MODELS = ["effnet", "selfie", "lanet", "tensormask", "deeplab", "dextr"]
+POINTS = [[20, 10], [80, 40], [45, 5], [40, 90]]
+
+
+def read_max(reply: requests.Response):
+    """MAX's reply: its seg_map as numbers, or the error."""
+    return np.asarray(reply.json()["seg_map"], dtype=np.float32) if reply.status_code == 200 else json.dumps(reply.json())
+
+
+def read_error_or_masks(reply: requests.Response):
+    return read_gzip("pred_masks")(reply) if reply.status_code == 200 else json.dumps(reply.json())
+
+
+def soak_jobs(gateway: Gateway) -> list[Job]:
+    """test_reliability's concurrent load, then deeplab, dextr and the gateway's routes."""
+    jobs = concurrent_jobs()
+    coffee = jpeg_bytes(photos.coffee(), (96, 64))
+    astronaut = jpeg_bytes(photos.astronaut(), (96, 96))
+    dextr_form = {"files": {"image": astronaut}, "data": {"points": json.dumps(POINTS)}}
+    jobs += [
+        Job("deeplab predict", "/predictions/deeplab", {"files": {"image": coffee}, "data": {"image_size": "96"}, "headers": {"Accept": "application/gzip"}}, read_gzip("pred_masks")),
+        Job("deeplab explain", "/explanations/deeplab", {"files": {"image": coffee}, "data": {"image_size": "64", "n_steps": "2"}}, read_gzip("integrated_grads")),
+        Job("dextr predict", "/predictions/dextr", {**dextr_form, "headers": {"Accept": "application/gzip"}}, read_gzip("probability")),
+        Job("dextr explain", "/explanations/dextr", {"files": dextr_form["files"], "data": {**dextr_form["data"], "n_steps": "2"}}, read_gzip("integrated_grads")),
+        Job("dextr bad", "/predictions/dextr", {"files": {"image": astronaut}, "data": {"points": "[[1, 1]]"}}, read_logits),
+        Job("gateway MAX predict", f"{gateway.url}/model/predict", {"files": {"image": coffee}, "data": {"image_size": "64", "type": "undefined"}}, read_max),
+        Job("gateway MAX bad", f"{gateway.url}/model/predict", {"files": {"image": b"not an image"}}, read_max),
+    ]
+    seed_body = json.dumps({"img_data": photos.coffee()[::10, ::10, ::-1].transpose(2, 0, 1).tolist()})  # CHW BGR, 60 x 40
+    seed_url = f"{gateway.seed_url('tensormask')}/model/"
+    jobs += [
+        Job("gateway tensormask seed", seed_url, {"data": seed_body, "headers": SEED_JSON}, read_error_or_masks),
+        Job("gateway tensormask seed bad", seed_url, {"data": "{not json", "headers": SEED_JSON}, read_error_or_masks),
+    ]
+    return jobs
 
 
 def process_usage(pid: int) -> tuple[float, int]:
@@ -32,8 +82,8 @@ def process_usage(pid: int) -> tuple[float, int]:
     return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def snapshot(server: TorchServe) -> dict[str, tuple[int, float, int]]:
-    """{"MODEL worker": (pid, RSS MiB, fds)} for every worker, plus the Java frontend."""
+def snapshot(server: TorchServe, gateway: Gateway) -> dict[str, tuple[int, float, int]]:
+    """{"PROCESS": (pid, RSS MiB, fds)} for every worker, the Java frontend and the gateway."""
     usage = {}
     for model in MODELS:
         for index, pid in enumerate(server.worker_pids(model)):
@@ -41,60 +91,74 @@ def snapshot(server: TorchServe) -> dict[str, tuple[int, float, int]]:
     for pid in server.process_ids():
         if Path(f"/proc/{pid}/comm").read_text().strip() == "java":
             usage["frontend (java)"] = (pid, *process_usage(pid))
+    usage["gateway"] = (gateway.process.pid, *process_usage(gateway.process.pid))
     return usage
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=180, help="seconds of load after the warm-up")
-    parser.add_argument("--warmup", type=float, default=45, help="seconds of load before the first snapshot")
+    parser.add_argument("--duration", type=float, default=900, help="seconds of load after the warm-up")
+    parser.add_argument("--warmup", type=float, default=120, help="seconds of load before the first snapshot")
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         workdir = Path(scratch)
-        store = build_archives(workdir)
+        store = workdir / "model_store"
+        store.mkdir()
+        for name in MODELS:
+            inputs = workdir / "inputs" / name
+            inputs.mkdir(parents=True)
+            SHARED_ARCHIVES[name](inputs, store)
         with TorchServe(workdir, store, MODELS) as server:
-            jobs = concurrent_jobs()
-            send = lambda job: job.read(server.post(job.path, timeout=RESPONSE_TIMEOUT, **job.request))  # noqa: E731
-            references = {job.name: send(job) for job in jobs}
-            counts = {"requests": 0, "errors": 0}
-            errors: list[str] = []
-            lock = threading.Lock()
-            stop = threading.Event()
+            gateway = Gateway(workdir, server.inference, workdir / "key_file.json", {"tensormask": free_port()})
+            try:
+                jobs = soak_jobs(gateway)
 
-            def client(seed: int) -> None:
-                order = random.Random(seed)
-                while not stop.is_set():
-                    job = order.choice(jobs)
-                    try:
-                        answer = send(job)
-                        error = None if same_answer(answer, references[job.name]) else f"{job.name}: reply differs from its reference"
-                    except Exception as failure:  # noqa: BLE001 - every failure of a request is counted and reported
-                        error = f"{job.name}: {type(failure).__name__}: {failure}"
-                    with lock:
-                        counts["requests"] += 1
-                        if error:
-                            counts["errors"] += 1
-                            errors.append(error)
+                def send(job: Job):
+                    if job.path.startswith("http"):
+                        return job.read(requests.post(job.path, timeout=RESPONSE_TIMEOUT, **job.request))
+                    return job.read(server.post(job.path, timeout=RESPONSE_TIMEOUT, **job.request))
 
-            with ThreadPoolExecutor(args.clients) as pool:
-                for seed in range(args.clients):
-                    pool.submit(client, seed)
-                time.sleep(args.warmup)
-                warm, warm_counts = snapshot(server), dict(counts)
-                started = time.monotonic()
-                time.sleep(args.duration)
-                end, end_counts = snapshot(server), dict(counts)
-                stop.set()
-            elapsed = time.monotonic() - started
+                references = {job.name: send(job) for job in jobs}
+                counts = {"requests": 0, "errors": 0}
+                errors: list[str] = []
+                lock = threading.Lock()
+                stop = threading.Event()
+
+                def client(seed: int) -> None:
+                    order = random.Random(seed)
+                    while not stop.is_set():
+                        job = order.choice(jobs)
+                        try:
+                            error = None if same_answer(send(job), references[job.name]) else f"{job.name}: reply differs from its reference"
+                        except Exception as failure:  # noqa: BLE001 - every failure of a request is counted and reported
+                            error = f"{job.name}: {type(failure).__name__}: {failure}"
+                        with lock:
+                            counts["requests"] += 1
+                            if error:
+                                counts["errors"] += 1
+                                errors.append(error)
+
+                with ThreadPoolExecutor(args.clients) as pool:
+                    for seed in range(args.clients):
+                        pool.submit(client, seed)
+                    time.sleep(args.warmup)
+                    warm, warm_counts = snapshot(server, gateway), dict(counts)
+                    started = time.monotonic()
+                    time.sleep(args.duration)
+                    end, end_counts = snapshot(server, gateway), dict(counts)
+                    stop.set()
+                elapsed = time.monotonic() - started
+            finally:
+                gateway.stop()
 
     requests_measured = end_counts["requests"] - warm_counts["requests"]
     replaced = [name for name in warm if name not in end or end[name][0] != warm[name][0]]
-    print(f"soak: {args.clients} clients, {len(jobs)} distinct requests (predictions, explanations, bad requests; 4 archives)")
+    print(f"soak: {args.clients} clients, {len(jobs)} distinct requests (predictions, explanations, bad requests; {len(MODELS)} archives and the gateway)")
     print(f"warm-up {args.warmup:.0f} s ({warm_counts['requests']} requests), then {elapsed:.0f} s measured: {requests_measured} requests, "
           f"{requests_measured / elapsed:.2f} requests/s")
-    print(f"errors: {counts['errors']} of {counts['requests']} requests (goal 0); workers replaced: {replaced or 'none'}")
+    print(f"errors: {counts['errors']} of {counts['requests']} requests (goal 0); processes replaced: {replaced or 'none'}")
     for error in errors[:10]:
         print(f"  {error}")
     rows = []

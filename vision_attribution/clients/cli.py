@@ -136,10 +136,14 @@ def main(argv=None) -> int:
     r.add_argument("reply", type=Path)
     r.add_argument("image", type=Path)
     r.add_argument("out", type=Path)
-    for name, module_name, summary in DEXTR_COMMANDS:
-        module = importlib.import_module(module_name)
-        command = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(command)
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
+    for name, module_name, summary in DEXTR_COMMANDS:  # a command's module (dextr-train imports torch) only when it runs
+        if words[:1] == [name]:
+            module = importlib.import_module(module_name)
+            command = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(command)
+        else:
+            commands.add_parser(name, help=summary)
     g = commands.add_parser("gateway", help="serve the seeds' own HTTP APIs (MAX Image Segmenter, the Flask seeds' POST /model/) in front of TorchServe")
     gateway_server.add_arguments(g)
     args = parser.parse_args(argv)
