@@ -13,13 +13,14 @@ Modules that need a server-wide setting of their own (the KServe v2 envelope, sh
 TorchServe instead (torchserve_harness.TorchServe).
 """
 import contextlib
+import functools
 from pathlib import Path
 from typing import Callable, Iterator
 
 from checkpoint_files import write_deeplab_checkpoint, write_lanet_checkpoint, write_swin_fork_checkpoint, write_tensormask_checkpoint
 from dextr_data import write_pickled_dextr_model
 from framework_configs import BASE_TENSORMASK_YAML, SMALL_SWIN_CONFIG, SMALL_TENSORMASK_YAML
-from torchserve_harness import TorchServe, build_archive, shipped_model_config
+from torchserve_harness import TorchServe, build_archive, build_in_parallel, shipped_model_config
 
 BATCHING = {"minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 50, "responseTimeout": 300}
 """TorchServe settings of the shared classifier and segmenter archives: batching on (4 requests, 50 ms)."""
@@ -117,8 +118,8 @@ class SharedTorchServe:
         for name in missing:
             if self.owners.get(name, "shared") != "shared":
                 raise RuntimeError(f"model {name!r} is registered by {self.owners[name]}, not as the shared archive")
-            if name not in self.archives:
-                self.archives[name] = SHARED_ARCHIVES[name](self.inputs(name), self.store)
+        unbuilt = {name: functools.partial(SHARED_ARCHIVES[name], self.inputs(name), self.store) for name in missing if name not in self.archives}
+        self.archives.update(build_in_parallel(unbuilt))
         self.owners.update(dict.fromkeys(missing, "shared"))
         self.server.register(missing)
         return self.server
@@ -135,10 +136,8 @@ class SharedTorchServe:
             if name in self.owners:
                 raise RuntimeError(f"model {name!r} is already registered by {self.owners[name]}")
         self.owners.update(dict.fromkeys(builders, owner))
-        built = []
         try:
-            for builder in builders.values():
-                built.append(builder(self.store))
+            build_in_parallel({name: functools.partial(builder, self.store) for name, builder in builders.items()})
             self.server.register(list(builders))
             yield self.server
         finally:
@@ -146,5 +145,4 @@ class SharedTorchServe:
                 if name in self.server.models:
                     self.server.unregister(name)
                 del self.owners[name]
-            for archive in built:
-                archive.unlink(missing_ok=True)
+                (self.store / f"{name}.mar").unlink(missing_ok=True)

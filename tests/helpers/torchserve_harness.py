@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import requests
@@ -54,6 +56,14 @@ def build_archive(model: str, out: Path, model_config: dict, checkpoint: Path | 
     if done.returncode != 0:
         raise RuntimeError(f"archive.sh failed:\n{done.stdout}\n{done.stderr}")
     return out / f"{name}.mar"
+
+
+def build_in_parallel(builders: dict[str, Callable[[], Path]], workers: int = 2) -> dict[str, Path]:
+    """Run archive builders `workers` at a time (a build is mostly one core: archive.sh's Python, then
+    torch-model-archiver); returns name -> the .mar each wrote. The first failure is raised once all are done."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(builder) for name, builder in builders.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def shipped_model_config(model: str) -> dict:

@@ -23,7 +23,7 @@ from dextr_data import write_state_dict as write_dextr_state_dict
 from framework_configs import BASE_TENSORMASK_YAML, SMALL_SWIN_CONFIG
 from framework_configs import SMALL_TENSORMASK_YAML as CHILD_YAML
 from sample_images import grace_hopper
-from torchserve_harness import TorchServe, build_archive, jpeg_bytes, shipped_model_config
+from torchserve_harness import TorchServe, build_archive, build_in_parallel, jpeg_bytes, shipped_model_config
 from vision_attribution.formats.class_names import COCO_CLASSES
 from vision_attribution.formats.kserve_v2 import BATCH_OF_ONE, DATATYPES
 from vision_attribution.networks.bit import ResNetV2
@@ -59,12 +59,15 @@ def server(tmp_path_factory):
     checkpoints["dextr"] = write_dextr_state_dict(workdir / "dextr_state_dict.pth")
     checkpoints["deeplab"] = write_deeplab_checkpoint(workdir, "mobile")
     framework_configs = {"tensormask": workdir / "tensormask_small.yaml", "swin": workdir / "swin_small.py"}
-    for name in ARCHIVES:
+
+    def builder(name: str):
         config = shipped_model_config(name)
         config["attribution"].update(n_steps=4, internal_batch_size=2)
         config.update(minWorkers=1, maxWorkers=1, batchSize=4, maxBatchDelay=500)
         extra = ["--config", str(framework_configs[name])] if name in framework_configs else []
-        build_archive(name, store, config, checkpoints[name], (*extra, *(() if name == BATCHED else ("--kserve-v2",))))
+        return lambda: build_archive(name, store, config, checkpoints[name], (*extra, *(() if name == BATCHED else ("--kserve-v2",))))
+
+    build_in_parallel({name: builder(name) for name in ARCHIVES})
     with TorchServe(workdir, store, list(ARCHIVES), extra_config={"service_envelope": "kservev2"}) as serving:
         yield serving
 

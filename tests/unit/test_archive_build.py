@@ -2,6 +2,7 @@
 members are checked, and only a complete archive is renamed over OUT/NAME.mar; a failed build leaves an existing
 archive byte for byte as it was, and two builds of one name at once both give a complete archive."""
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -54,3 +55,19 @@ def test_two_builds_of_one_name_at_once_both_give_a_complete_archive(tmp_path):
     with zipfile.ZipFile(tmp_path / "effnet.mar") as mar:
         assert mar.testzip() is None
         assert {"MAR-INF/MANIFEST.json", "weights.pt", "attribution_handler.py", "effnet.yaml"} <= set(mar.namelist()), mar.namelist()
+
+
+def test_the_command_line_of_one_archive_reads_only_that_archives_module():
+    """Every build read every archive's settings, importing tensormask's network (torchvision's detection ops, torch's
+    compiler: about 3.5 s of each build); a build reads its own archive's, and every archive's only for --help or an
+    option its archive lacks (whose message names the archive's own settings)."""
+    code = (
+        "import sys; from vision_attribution.archives.build import parse_arguments\n"
+        "args = parse_arguments(['--handler', 'h', '--configs', 'c', 'lanet', '--checkpoint', 'top1.pt', '--idg-grid', '4'])\n"
+        "assert args.archive == 'lanet' and args.setting_idg_grid == '4', args\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('vision_attribution.archives.'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert loaded == ["vision_attribution.archives.build", "vision_attribution.archives.lanet"]
+    done = subprocess.run([str(REPO / "archive.sh"), "lanet", "--checkpoint", "top1.pt", "--model-type", "full"], capture_output=True, text=True)
+    assert done.returncode == 2 and "lanet has no setting --model-type; its settings are: --idg-grid" in done.stderr

@@ -85,9 +85,9 @@ def refuse_missing_requirements(name: str, modules: tuple[str, ...]) -> None:
             ) from None
 
 
-def setting_options() -> dict[str, str]:
-    """Every archive's `model:` settings as command-line options: {setting key: --option-name}."""
-    keys = sorted({key for name in ARCHIVES for key in archive_module(name).MODEL_SETTINGS})
+def setting_options(archives: tuple[str, ...] = ARCHIVES) -> dict[str, str]:
+    """The `model:` settings of `archives` (default: every archive) as command-line options: {setting key: --option-name}."""
+    keys = sorted({key for name in archives for key in archive_module(name).MODEL_SETTINGS})
     return {key: "--" + key.replace("_", "-") for key in keys}
 
 
@@ -109,7 +109,7 @@ def with_command_line_settings(name: str, model_config: dict, given: dict) -> di
 
 def build(args: argparse.Namespace) -> Path:
     config_path = args.model_config or args.configs / f"{args.archive}.yaml"
-    given = {key: getattr(args, f"setting_{key}") for key in setting_options() if getattr(args, f"setting_{key}") is not None}
+    given = {name.removeprefix("setting_"): value for name, value in vars(args).items() if name.startswith("setting_") and value is not None}
     model_config = with_command_line_settings(args.archive, read_yaml(config_path), given)
     with tempfile.TemporaryDirectory(prefix=f"{args.archive}-stage-") as stage:
         workdir = Path(stage)
@@ -157,20 +157,35 @@ def check_members(archive: Path, files: list[Path]) -> None:
         raise BuildError(f"torch-model-archiver wrote {archive.name} without a complete {', '.join(wrong)}")
 
 
-def parser() -> argparse.ArgumentParser:
-    listing = "\n".join(f"  {name:<11} {archive_module(name).SUMMARY}" for name in ARCHIVES)
+def chosen_archive(argv: list[str]) -> str | None:
+    """The archive a command line builds, read without importing any archive module; None when it asks for help or
+    is unclear (then every archive's options are read)."""
+    if {"-h", "--help"} & set(argv):
+        return None
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("archive", nargs="?")
+    for option in ("--checkpoint", "--config", "--model-config", "--out", "--name", "--handler", "--configs"):
+        p.add_argument(option)
+    known, _ = p.parse_known_args(argv)
+    return known.archive if known.archive in ARCHIVES else None
+
+
+def parser(archives: tuple[str, ...] = ARCHIVES) -> argparse.ArgumentParser:
+    """archive.sh's options, with the settings of `archives` (default: every archive; importing an archive's module
+    imports its network, some seconds for those on torchvision's detection ops)."""
+    listing = "\n".join(f"  {name:<11} {archive_module(name).SUMMARY}" for name in archives)
     p = argparse.ArgumentParser(prog="archive.sh", description=f"Build a TorchServe model archive.\n\narchives:\n{listing}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive", choices=ARCHIVES, metavar="ARCHIVE")
     p.add_argument("--checkpoint", type=Path, help="the weights, any file name (required where no offline weights exist)")
-    takers = "; ".join(f"{name}: {archive_module(name).FRAMEWORK_CONFIG}" for name in ARCHIVES if archive_module(name).FRAMEWORK_CONFIG)
+    takers = "; ".join(f"{name}: {archive_module(name).FRAMEWORK_CONFIG}" for name in archives if archive_module(name).FRAMEWORK_CONFIG)
     p.add_argument("--config", type=Path, help=f"the framework's own model config ({takers})")
     p.add_argument("--model-config", type=Path, help="replaces vision_attribution/archives/configs/ARCHIVE.yaml (TorchServe keys, attribution:, model:)")
     p.add_argument("--out", type=Path, default=Path("model_store"), help="where to write ARCHIVE.mar (model_store)")
     p.add_argument("--name", help="the archive's model name (default: ARCHIVE), e.g. to serve two variants side by side")
     p.add_argument("--kserve-v2", action="store_true", help="for service_envelope=kservev2 (KServe v2): batchSize 1, the envelope serves no batches")
     p.add_argument("--trust-checkpoint", action="store_true", help="unpickle the checkpoint fully (runs code from the file): only for files you trust")
-    for key, option in setting_options().items():
-        owners = [name for name in ARCHIVES if key in archive_module(name).MODEL_SETTINGS]
+    for key, option in setting_options(archives).items():
+        owners = [name for name in archives if key in archive_module(name).MODEL_SETTINGS]
         setting = archive_module(owners[0]).MODEL_SETTINGS[key]
         p.add_argument(option, dest=f"setting_{key}", metavar="VALUE", help=f"{'/'.join(owners)}: model setting {key}, {setting.help} (default {setting.default})")
     p.add_argument("--handler", type=Path, required=True, help=argparse.SUPPRESS)
@@ -178,8 +193,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line, read with the chosen archive's options only where that is enough: anything it does not
+    know (another archive's setting, say) is read again with every archive's, for the full message."""
+    chosen = chosen_archive(argv)
+    if chosen is not None:
+        args, unknown = parser((chosen,)).parse_known_args(argv)
+        if not unknown:
+            return args
+    return parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_arguments(sys.argv[1:] if argv is None else list(argv))
     try:
         path = build(args)
     except BuildError as error:
