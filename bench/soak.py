@@ -7,17 +7,20 @@ seed's port. The load is test_reliability.py's concurrent requests plus deeplab 
 MAX's predict, the tensormask seed's request and bad requests through the gateway.
 
 First every request is sent alone: its reply is the reference. Then CLIENTS threads send the requests in shuffled
-order without pause: `--warmup` seconds, a snapshot of every process's resident memory (VmRSS) and open file
-descriptors (each worker, the Java frontend, the gateway), `--duration` seconds more, a second snapshot. An error is
-any reply that differs from its request's reference (status or content), a request that raised (every request has a
-timeout), or a process replaced during the run. Goals: 0 errors, RSS and descriptors within 5% after the warm-up.
+order without pause: `--warmup` seconds, then `--duration` seconds with a snapshot every `--every` seconds of every
+process's resident memory (VmRSS), open sockets and other descriptors (each worker, the Java frontend, the gateway),
+and the Java frontend's heap in use after a full collection (jcmd) after the warm-up and at the end. An error is any
+reply that differs from its request's reference (status or content), a request that raised (every request has a
+timeout), or a process replaced during the run. Goals: 0 errors, RSS within 5% after the warm-up, descriptors flat.
 
-    .venv/bin/python bench/soak.py [--duration 900 --warmup 120 --clients 16]
+    .venv/bin/python bench/soak.py [--duration 900 --warmup 120 --clients 16 --every 60]
 """
 import argparse
 import json
 import os
 import random
+import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -75,15 +78,31 @@ def soak_jobs(gateway: Gateway) -> list[Job]:
     return jobs
 
 
-def process_usage(pid: int) -> tuple[float, int]:
-    """(resident memory in MiB, open file descriptors) of a live process."""
+def process_usage(pid: int) -> tuple[float, int, int]:
+    """(resident memory in MiB, open descriptors other than sockets, open sockets) of a live process."""
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed while listed
+    sockets = sum(target.startswith("socket:") for target in targets)
+    return rss_kib / 1024, len(targets) - sockets, sockets
 
 
-def snapshot(server: TorchServe, gateway: Gateway) -> dict[str, tuple[int, float, int]]:
-    """{"PROCESS": (pid, RSS MiB, fds)} for every worker, the Java frontend and the gateway."""
+def java_live_heap_mib(pid: int) -> float:
+    """The Java frontend's heap in use right after a full collection (jcmd GC.run, then GC.heap_info), MiB: what it
+    holds on to, which its RSS (a heap that grows until a collection is due) does not show."""
+    subprocess.run(["jcmd", str(pid), "GC.run"], check=True, capture_output=True, timeout=60)
+    info = subprocess.run(["jcmd", str(pid), "GC.heap_info"], check=True, capture_output=True, text=True, timeout=60).stdout
+    used = re.search(r"heap\s+total \d+K, used (\d+)K", info)
+    return int(used.group(1)) / 1024 if used else float("nan")
+
+
+def snapshot(server: TorchServe, gateway: Gateway) -> dict[str, tuple]:
+    """{"PROCESS": (pid, RSS MiB, descriptors but sockets, sockets)} for every worker, the Java frontend and the gateway."""
     usage = {}
     for model in MODELS:
         for index, pid in enumerate(server.worker_pids(model)):
@@ -95,11 +114,16 @@ def snapshot(server: TorchServe, gateway: Gateway) -> dict[str, tuple[int, float
     return usage
 
 
+def java_pid(server: TorchServe) -> int:
+    return next(pid for pid in server.process_ids() if Path(f"/proc/{pid}/comm").read_text().strip() == "java")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=900, help="seconds of load after the warm-up")
     parser.add_argument("--warmup", type=float, default=120, help="seconds of load before the first snapshot")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--every", type=float, default=60, help="seconds between snapshots of the processes")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
@@ -144,30 +168,40 @@ def main() -> None:
                     for seed in range(args.clients):
                         pool.submit(client, seed)
                     time.sleep(args.warmup)
-                    warm, warm_counts = snapshot(server, gateway), dict(counts)
+                    heap_warm = java_live_heap_mib(java_pid(server))
+                    snapshots, warm_counts = [snapshot(server, gateway)], dict(counts)
                     started = time.monotonic()
-                    time.sleep(args.duration)
-                    end, end_counts = snapshot(server, gateway), dict(counts)
+                    while time.monotonic() - started < args.duration:
+                        time.sleep(min(args.every, args.duration - (time.monotonic() - started)))
+                        snapshots.append(snapshot(server, gateway))
+                    end_counts = dict(counts)
+                    heap_end = java_live_heap_mib(java_pid(server))
                     stop.set()
                 elapsed = time.monotonic() - started
             finally:
                 gateway.stop()
 
     requests_measured = end_counts["requests"] - warm_counts["requests"]
+    warm, middle, end = snapshots[0], snapshots[len(snapshots) // 2], snapshots[-1]
     replaced = [name for name in warm if name not in end or end[name][0] != warm[name][0]]
     print(f"soak: {args.clients} clients, {len(jobs)} distinct requests (predictions, explanations, bad requests; {len(MODELS)} archives and the gateway)")
     print(f"warm-up {args.warmup:.0f} s ({warm_counts['requests']} requests), then {elapsed:.0f} s measured: {requests_measured} requests, "
-          f"{requests_measured / elapsed:.2f} requests/s")
+          f"{requests_measured / elapsed:.2f} requests/s; {len(snapshots)} snapshots, {args.every:.0f} s apart")
     print(f"errors: {counts['errors']} of {counts['requests']} requests (goal 0); processes replaced: {replaced or 'none'}")
     for error in errors[:10]:
         print(f"  {error}")
     rows = []
-    for name, (pid, rss, fds) in warm.items():
+    for name, (pid, rss, fds, sockets) in warm.items():
         if name in end:
-            _, rss_end, fds_end = end[name]
-            rows.append([name, str(pid), f"{rss:.0f}", f"{rss_end:.0f}", f"{rss_end / rss:.3f}", str(fds), str(fds_end), f"{fds_end / fds:.3f}"])
-    print_table(["process", "pid", "RSS warm MiB", "RSS end MiB", "RSS end/warm", "fds warm", "fds end", "fds end/warm"], rows)
-    print("goal: end/warm < 1.05 for RSS and descriptors")
+            rss_middle, (_, rss_end, fds_end, sockets_end) = middle[name][1], end[name]
+            rows.append([name, str(pid), f"{rss:.0f}", f"{rss_middle:.0f}", f"{rss_end:.0f}", f"{rss_end / rss:.3f}", f"{rss_end / rss_middle:.3f}",
+                         f"{fds} -> {fds_end}", f"{sockets} -> {sockets_end}"])  # fmt: skip
+    print_table(["process", "pid", "RSS warm MiB", "RSS middle", "RSS end", "end/warm", "end/middle", "descriptors", "sockets"], rows)
+    print("RSS MiB at each snapshot:")
+    for name in warm:
+        print(f"  {name}: " + " ".join(f"{snap[name][1]:.0f}" for snap in snapshots if name in snap))
+    print(f"Java frontend's heap in use after a full collection: {heap_warm:.0f} MiB after the warm-up, {heap_end:.0f} MiB at the end")
+    print("goal: end/warm < 1.05 for RSS; descriptors other than sockets unchanged (sockets follow the requests in flight)")
 
 
 if __name__ == "__main__":
