@@ -101,21 +101,20 @@ def java_live_heap_mib(pid: int) -> float:
     return int(used.group(1)) / 1024 if used else float("nan")
 
 
+def java_pid(server: TorchServe) -> int:
+    return next(pid for pid in server.process_ids() if Path(f"/proc/{pid}/comm").read_text().strip() == "java")
+
+
 def snapshot(server: TorchServe, gateway: Gateway) -> dict[str, tuple]:
     """{"PROCESS": (pid, RSS MiB, descriptors but sockets, sockets)} for every worker, the Java frontend and the gateway."""
     usage = {}
     for model in MODELS:
         for index, pid in enumerate(server.worker_pids(model)):
             usage[f"{model} worker {index}"] = (pid, *process_usage(pid))
-    for pid in server.process_ids():
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "java":
-            usage["frontend (java)"] = (pid, *process_usage(pid))
+    frontend = java_pid(server)
+    usage["frontend (java)"] = (frontend, *process_usage(frontend))
     usage["gateway"] = (gateway.process.pid, *process_usage(gateway.process.pid))
     return usage
-
-
-def java_pid(server: TorchServe) -> int:
-    return next(pid for pid in server.process_ids() if Path(f"/proc/{pid}/comm").read_text().strip() == "java")
 
 
 def main() -> None:

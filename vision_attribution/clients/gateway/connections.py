@@ -85,6 +85,9 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _client_name(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
     def _arm(self, waiting_for: str, seconds: float) -> None:
         self._disarm()
         self.guarding, self.guard = waiting_for, self.loop.call_later(seconds, self._expired)
@@ -116,7 +119,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         if waiting_for == "body" and (self.flow.read_paused or self.conn.their_state is not h11.SEND_BODY):
             return self._watch()  # the gateway, not the client, is behind: wait on
-        client = "%s:%d" % self.client if self.client else "a client"
+        client = self._client_name()
         if waiting_for == "head":
             if self.conn.trailing_data[0] or self.conn.their_state is not h11.IDLE:
                 message = f"the request's head (request line and headers) did not arrive within {self.limits.head_timeout:g} s (--head-timeout)"
@@ -137,7 +140,7 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 cannot parse, as a JSON error: 431 for a head over the size limit."""
         error, self.protocol_error = self.protocol_error, None
-        client = "%s:%d" % self.client if self.client else "a client"
+        client = self._client_name()
         if error is not None and error.error_status_hint == 431:
             message = f"the request's head (request line and headers) is over this gateway's limit of {self.limits.max_head_bytes} bytes (--max-head-kb)"
             response = error_response(431, "Request Header Fields Too Large", message)
