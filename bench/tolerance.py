@@ -1,114 +1,292 @@
-"""Steps and wall time to reach 1% completeness error: tolerance mode (the adaptive rule) vs fixed Gauss-Legendre.
+"""Tolerance mode on the photos users send: steps and completeness errors of each adaptive rule tried, against the
+fewest fixed Gauss-Legendre steps that reach the same tolerance, on every case of bench/photo_set.py.
 
-For each model, one explanation of its usual target on a photo that ships with scikit-image, on the CPU:
-  effnet  EfficientNet-lite0, real ImageNet weights, coffee, the predicted class's logit
-  selfie  MediaPipe selfie segmentation, real weights converted from the mediapipe wheel (needs PyPI once; random
-          weights in the same layout with --no-download), astronaut, the person region's logit sum
-  lanet   LaNet NetworkCIFAR(C=128, layers=24), random weights in the real layout, chelsea, the predicted class
-Rows: tolerances 0.05, 0.02 and 0.01 (adaptive_trapezoid, max_steps as given) and fixed Gauss-Legendre at
-50/100/200 steps, with the steps used, the relative completeness error |F(x) - F(x') - sum IG| / |F(x) - F(x')|,
-whether it is within 1%, and wall seconds (median of --repeats). The last column is each row's time over the
-tolerance 0.01 row's.
+For each archive and each case (4 photos x PNG / JPEG q95 / q90 / q75 x full / half size, decoded as the
+service decodes an upload), one explanation of the archive's default target from its default baseline (zeros):
+  effnet    EfficientNet-lite0, real ImageNet weights
+  selfie    MediaPipe selfie segmentation, real weights converted from the mediapipe wheel (pip downloads it
+            once into the cache of vision_attribution.archives.selfie_tflite; --no-download: random weights)
+  bit, lanet  BiT-M-R50x1 and LaNet NetworkCIFAR(128, 24 layers) in the published layouts, random weights
+            (LaNet's BatchNorm statistics calibrated on random images)
+  deeplab   DeepLabV3-MobileNetV3 (the archive's default model_type), random weights with BatchNorm statistics
+            calibrated on two photos, at --deeplab-size (the archive's default is 513)
+Rules tried, each at tolerance --tolerance with max_steps --max-steps (the archives' default):
+  segment error   the shipped rule: intervals are halved where their own completeness error, known exactly from
+                  F at their ends, is largest
+  segment error, 21 first  the same from a first round of every interval's ends and midpoint (21 nodes), not its ends
+  interval estimate  the rule before it: from those 21 nodes, intervals halved where |T_L - T_(L-1)| / 3 is largest
+Gauss-Legendre: the steps n that reach the tolerance, searched over a ladder 4, 6, 8, 11, 16, 23, 32, ... (ratio
+~sqrt 2) and then by bisection down towards the rung below. Its error is far from monotone in n on these integrands
+(effnet, coffee as JPEG q75: 0.7% at 16 steps, 4.5% to 26% at every n from 18 to 80), so two figures: "first", the
+first rung that meets it, and "steady", the first rung that meets it and whose next rung (~1.4 n) meets it too,
+bisected down towards the rung below: an n a user can rely on. The summary's ratios are to "steady"; "> 256":
+not steady up to 256 steps, the adaptive rules' max_steps.
+Every rule is driven by the scalars the engine hands it (F and f = <dF/dx, x - x'> at each node), computed by the
+model in chunks of 16 and memoised per case, so that a node two rules share is evaluated once; the completeness
+error of a rule is |sum_k w_k f(alpha_k) - (F(x) - F(x'))| / |F(x) - F(x')| (the engine's IG sums to the same).
 
-    .venv/bin/python bench/tolerance.py [--models effnet selfie lanet --repeats 3 --max-steps 513]
+Prints one table per archive (a row per case) and a summary per archive and per encoding (PNG vs JPEG):
+the share of cases that meet the tolerance, the median and largest ratio of the shipped rule's steps to
+Gauss-Legendre's, and how often each rule's reported error measure is within 2x of the true error.
+
+    .venv/bin/python bench/tolerance.py [--archives effnet selfie bit lanet deeplab] [--photos coffee ...]
 """
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
-from skimage import data as photos
 
-from timing import interleaved_times, median, print_table
-from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
-from vision_attribution.archives import selfie as selfie_archive
-from vision_attribution.formats.class_names import CIFAR10_CLASSES, imagenet_classes
-from vision_attribution.attribution.engine import integrate_path
-from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
-from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
-from vision_attribution.networks.selfie import INPUT_SIZE as SELFIE_SIZE, SelfieSegmenter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+
+from photo_set import ENCODINGS, PHOTOS, SIZES, photo_set  # noqa: E402
+from timing import print_table  # noqa: E402
+from vision_attribution.adapters.base import ModelAdapter  # noqa: E402
+from vision_attribution.attribution.engine import PathTarget  # noqa: E402
+from vision_attribution.attribution.quadrature import AdaptiveRule, Rule, path_coefficients  # noqa: E402
+from vision_attribution.formats.decode import decode_image_bytes  # noqa: E402
 
 CPU = torch.device("cpu")
-TOLERANCE = 0.01
-LOOSER_TOLERANCES = (0.05, 0.02)
-FIXED_STEPS = (50, 100, 200)
-INTERNAL_BATCH_SIZE = 16
+CHUNK = 16
+GAUSS_LEGENDRE_LADDER = (4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362)
 
 
-def effnet():
-    model = load_efficientnet_lite0(packaged_weights())
-    return ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop"), photos.coffee()
+class MidpointsFirstRule(AdaptiveRule):
+    """The shipped rule from a first round of every interval's ends and midpoint (21 nodes) instead of its ends."""
+
+    def _intervals_to_refine(self) -> list[int]:
+        if (self.levels == 0).any():  # the 21-node first round: the ends, then every midpoint
+            return np.flatnonzero(self.levels == 0).tolist()
+        return super()._intervals_to_refine()
 
 
-def selfie(download: bool):
-    network = SelfieSegmenter().eval().requires_grad_(False)
-    if download:
+class IntervalEstimateRule(MidpointsFirstRule):
+    """The adaptive rule before the segment errors: from the 21-node first round, halves the intervals where
+    |T_L - T_(L-1)| / 3 is largest."""
+
+    def refinement_indicators(self) -> np.ndarray:
+        coarser = np.array([self._trapezoid_sum(i, level - 1) for i, level in enumerate(self.levels)])
+        return np.abs(self.sums - coarser) / 3
+
+    def reported_error(self) -> float:
+        """What this rule's replies called error_estimate: the indicators' sum over |F(x) - F(x')|."""
+        change = abs(self.endpoint_values[1.0] - self.endpoint_values[0.0]) or 1.0
+        return float(self.refinement_indicators().sum()) / change
+
+
+RULES: dict[str, Callable[[float, int], AdaptiveRule]] = {
+    "segment error": AdaptiveRule, "segment error, 21 first": MidpointsFirstRule, "interval estimate": IntervalEstimateRule,
+}
+
+
+class PathScalars:
+    """F(alpha) and f(alpha) = <dF/dx (x' + alpha (x - x')), x - x'> along one straight path, memoised.
+
+    target: path points (b, C, H, W) -> (b,); inputs, baseline: (1, C, H, W)."""
+
+    def __init__(self, target: PathTarget, inputs: torch.Tensor, baseline: torch.Tensor):
+        self.target, self.inputs, self.baseline = target, inputs, baseline
+        self.difference = inputs - baseline
+        self.known: dict[float, tuple[float, float]] = {}
+
+    def __call__(self, alphas) -> tuple[np.ndarray, np.ndarray]:
+        """(F, f), each float64 (n,), at alphas (n,)."""
+        alphas = [float(alpha) for alpha in np.asarray(alphas, dtype=np.float64)]
+        missing = sorted(set(alphas) - set(self.known))
+        for start in range(0, len(missing), CHUNK):
+            part = missing[start : start + CHUNK]
+            weights = torch.tensor(part, dtype=self.inputs.dtype).view(-1, 1, 1, 1)
+            points = torch.where(weights == 1, self.inputs, self.baseline + weights * self.difference)
+            points = points.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            with torch.enable_grad():
+                values = self.target(points)
+                (gradients,) = torch.autograd.grad(values.sum(), points)
+            derivatives = torch.einsum("kchw,chw->k", gradients.double(), self.difference[0].double())
+            self.known.update(zip(part, zip(values.detach().double().tolist(), derivatives.tolist())))
+        return np.array([self.known[a][0] for a in alphas]), np.array([self.known[a][1] for a in alphas])
+
+    @property
+    def change(self) -> float:
+        values, _ = self((0.0, 1.0))
+        return float(values[1] - values[0])
+
+    def error_of(self, alphas, weights) -> float:
+        """The completeness error of a rule (alphas, weights), relative to |F(x) - F(x')|."""
+        _, derivatives = self(alphas)
+        return abs(float(np.asarray(weights) @ derivatives) - self.change) / abs(self.change)
+
+
+def run_rule(rule: Rule, scalars: PathScalars) -> tuple[int, float]:
+    """Drive `rule` to its end on `scalars`: (steps of its final rule, its completeness error)."""
+    while (round_ := rule.next_round()) is not None:
+        values, derivatives = scalars(round_.alphas.numpy())
+        rule.absorb(round_.alphas, torch.from_numpy(values), torch.from_numpy(derivatives))
+    alphas, weights = rule.final_rule()
+    return len(alphas), scalars.error_of(alphas.numpy(), weights.numpy())
+
+
+def gauss_legendre_steps(scalars: PathScalars, tolerance: float) -> tuple[int | None, int | None]:
+    """Gauss-Legendre's steps to meet the tolerance, searched over n: (first, steady). first: the first rung of
+    GAUSS_LEGENDRE_LADDER that meets it. steady: the first rung that meets it and whose next rung meets it too,
+    bisected down towards the rung below. None: not met on the ladder."""
+
+    def meets(n: int) -> bool:
+        alphas, weights = path_coefficients("gausslegendre", n)
+        return scalars.error_of(alphas.numpy(), weights.numpy()) <= tolerance
+
+    first, ladder = None, GAUSS_LEGENDRE_LADDER
+    for index, rung in enumerate(ladder[:-1]):
+        if not meets(rung):
+            continue
+        first = first or rung
+        if meets(ladder[index + 1]):
+            below = ladder[index - 1] if index else 1
+            while rung - below > 1:
+                middle = (below + rung) // 2
+                below, rung = (below, middle) if meets(middle) else (middle, rung)
+            return first, rung
+    return first, None
+
+
+def effnet_adapter(args) -> ModelAdapter:
+    from vision_attribution.adapters.classifier import ClassifierAdapter
+    from vision_attribution.formats.class_names import imagenet_classes
+    from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
+
+    return ClassifierAdapter(load_efficientnet_lite0(packaged_weights()), imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+
+
+def selfie_adapter(args) -> ModelAdapter:
+    from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
+    from vision_attribution.archives import selfie as selfie_archive
+    from vision_attribution.networks.selfie import INPUT_SIZE, SelfieSegmenter
+
+    if args.no_download:
+        torch.manual_seed(0)
+        network = SelfieSegmenter().eval().requires_grad_(False)
+    else:
         with tempfile.TemporaryDirectory() as workdir:
             weights = Path(workdir) / "selfie.pt"
             subprocess.run([sys.executable, "-m", "vision_attribution.archives.selfie_tflite", str(weights)], check=True, capture_output=True)
             network = selfie_archive.load_segmenter(weights)
-    else:
-        torch.manual_seed(0)
 
     def two_class_logits(images):
         half = network(images) / 2
         return torch.cat([-half, half], dim=1)
 
-    return SemanticSegmenterAdapter(two_class_logits, selfie_archive.CLASS_NAMES, (SELFIE_SIZE, SELFIE_SIZE), (0, 0, 0), (1, 1, 1), CPU, binary=True), photos.astronaut()
+    return SemanticSegmenterAdapter(two_class_logits, selfie_archive.CLASS_NAMES, (INPUT_SIZE, INPUT_SIZE), (0, 0, 0), (1, 1, 1), CPU, binary=True)
 
 
-def calibrated_lanet() -> NetworkCIFAR:
-    """Random LaNet weights with BatchNorm statistics measured on random images: with the initial statistics
-    (mean 0, variance 1) activations overflow through 24 cells and every output is NaN."""
+def bit_adapter(args) -> ModelAdapter:
+    from vision_attribution.adapters.classifier import ClassifierAdapter
+    from vision_attribution.archives.bit import INPUT_SIZE, MEAN, STD
+    from vision_attribution.formats.class_names import CIFAR10_CLASSES
+    from vision_attribution.networks.bit import ResNetV2
+
+    torch.manual_seed(0)
+    network = ResNetV2((3, 4, 6, 3), 1, 10).eval().requires_grad_(False)
+    return ClassifierAdapter(network, CIFAR10_CLASSES, INPUT_SIZE, MEAN, STD, CPU)
+
+
+def lanet_adapter(args) -> ModelAdapter:
+    from vision_attribution.adapters.classifier import ClassifierAdapter
+    from vision_attribution.archives.lanet import INPUT_SIZE, MEAN, STD
+    from vision_attribution.formats.class_names import CIFAR10_CLASSES
+    from vision_attribution.networks.lanet import LANET_NET_ENCODING, NetworkCIFAR, decode_lanet_encoding
+
     torch.manual_seed(0)
     network = NetworkCIFAR(128, 10, 24, True, decode_lanet_encoding(LANET_NET_ENCODING))
-    for module in network.modules():
+    for module in network.modules():  # with the initial statistics activations overflow through 24 cells
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # a cumulative average over the calibration batches
     network.train()
     with torch.no_grad():
         for _ in range(2):
             network(torch.randn(16, 3, 32, 32))
-    return network.eval().requires_grad_(False)
+    network.eval().requires_grad_(False)
+    return ClassifierAdapter(lambda images: network(images)[0], CIFAR10_CLASSES, INPUT_SIZE, MEAN, STD, CPU)
 
 
-def lanet():
-    network = calibrated_lanet()
-    return ClassifierAdapter(lambda images: network(images)[0], CIFAR10_CLASSES, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CPU), photos.chelsea()
+def deeplab_adapter(args) -> ModelAdapter:
+    from checkpoint_files import deeplab_torchvision
+    from vision_attribution.adapters.longest_side import LongestSideSegmenterAdapter
+    from vision_attribution.formats.class_names import VOC_CLASSES
+    from vision_attribution.networks.deeplab import MEAN, STD, load_deeplab
+
+    network = load_deeplab(deeplab_torchvision("mobile", aux_classifier=False).state_dict(), "mobile")
+    return LongestSideSegmenterAdapter(network, VOC_CLASSES, args.deeplab_size, MEAN, STD, CPU)
+
+
+ADAPTERS = {"effnet": effnet_adapter, "selfie": selfie_adapter, "bit": bit_adapter, "lanet": lanet_adapter, "deeplab": deeplab_adapter}
+
+
+def within_twice(reported: float, true: float) -> bool:
+    return true / 2 <= reported <= 2 * true
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["effnet", "selfie", "lanet"], choices=["effnet", "selfie", "lanet"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=513, help="max_steps of the tolerance row")
+    parser.add_argument("--archives", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    parser.add_argument("--photos", nargs="+", default=list(PHOTOS), choices=list(PHOTOS))
+    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=list(ENCODINGS))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--max-steps", type=int, default=257, help="max_steps of the adaptive rules (the archives' default)")
+    parser.add_argument("--deeplab-size", type=int, default=513, help="deeplab's image_size")
     parser.add_argument("--no-download", action="store_true", help="selfie with random weights (no mediapipe wheel)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; internal_batch_size {INTERNAL_BATCH_SIZE}; zeros baseline")
-    for name in args.models:
-        adapter, photo = {"effnet": effnet, "selfie": lambda: selfie(not args.no_download), "lanet": lanet}[name]()
-        model_input = adapter.prepare(photo, {})
-        plan = adapter.plan_explanation(model_input, {})
-        inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")
-        variants = {f"tolerance {tolerance}": dict(tolerance=tolerance, max_steps=args.max_steps) for tolerance in (*LOOSER_TOLERANCES, TOLERANCE)}
-        variants.update({f"gausslegendre {n}": dict(n_steps=n) for n in FIXED_STEPS})
-        results = {label: integrate_path(plan.path_target, inputs, baseline, internal_batch_size=INTERNAL_BATCH_SIZE, **options) for label, options in variants.items()}
-        times = interleaved_times(
-            {label: (lambda options=options: integrate_path(plan.path_target, inputs, baseline, internal_batch_size=INTERNAL_BATCH_SIZE, **options))
-             for label, options in variants.items()}, args.repeats, min_repeats=1,
-        )
-        anchor = median(times[f"tolerance {TOLERANCE}"])
-        change = results[f"tolerance {TOLERANCE}"].target_at_input - results[f"tolerance {TOLERANCE}"].target_at_baseline
-        print(f"\n{name}: target {plan.target['name']!r}, F(x) - F(x') = {change:.4f}")
+    cases = photo_set(args.photos, args.encodings, args.sizes)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tolerance {args.tolerance}, max_steps {args.max_steps}; zeros baseline")
+    summary_rows, records = [], []
+    for archive in args.archives:
+        adapter = ADAPTERS[archive](args)
         rows = []
-        for label, result in results.items():
-            error = abs(result.convergence_delta) / abs(change)
-            rows.append([label, str(len(result.alphas)), f"{error:.4f}", "yes" if error <= TOLERANCE else "no", f"{median(times[label]):.2f}",
-                         f"{median(times[label]) / anchor:.2f}"])
-        print_table(["variant", "steps", "rel. error", "<= 1%", "wall s", "time / tolerance"], rows)
+        for case in cases:
+            model_input = adapter.prepare(decode_image_bytes(case.data), {})
+            plan = adapter.plan_explanation(model_input, {})
+            scalars = PathScalars(plan.path_target, model_input.tensor, adapter.baseline(model_input, "zeros"))
+            first, steady = gauss_legendre_steps(scalars, args.tolerance)
+            record = {"archive": archive, "case": case, "gl": steady}
+            row = [case.label, f"{scalars.change:.3f}", str(first or "> 362"), str(steady or "> 256")]
+            for name, make in RULES.items():
+                rule = make(args.tolerance, args.max_steps)
+                steps, error = run_rule(rule, scalars)
+                reported = rule.reported_error() if isinstance(rule, IntervalEstimateRule) else rule.refinement.segment_error
+                record[name] = (steps, error, rule.refinement.tolerance_met, reported)
+                row += [str(steps), f"{error:.4f}", f"{reported:.4f}"]
+            records.append(record)
+            rows.append(row)
+            print(f"  {archive} {case.label}: {' '.join(row[1:])} ({len(scalars.known)} nodes evaluated)", flush=True)
+        headers = ["case", "F(x)-F(x')", "GL first", "GL steady"]
+        for name in RULES:
+            headers += [f"{name}: steps", "error", "reported"]
+        print(f"\n{archive}:")
+        print_table(headers, rows)
+        print()
+    groups = {f"{archive}": [r for r in records if r["archive"] == archive] for archive in args.archives}
+    groups["all PNG"] = [r for r in records if r["case"].encoding == "png"]
+    groups["all JPEG"] = [r for r in records if r["case"].encoding != "png"]
+    groups["all"] = records
+    for label, group in groups.items():
+        if not group:
+            continue
+        row = [label, str(len(group))]
+        for name in RULES:
+            met = [r for r in group if r[name][2]]
+            ratios = [r[name][0] / (r["gl"] or GAUSS_LEGENDRE_LADDER[-2]) for r in group]  # not steady up to 256: as if 256
+            honest = [r for r in group if within_twice(r[name][3], r[name][1])]
+            row += [f"{len(met) / len(group):.0%}", f"{statistics.median(ratios):.2f}", f"{max(ratios):.2f}", f"{len(honest) / len(group):.0%}"]
+        summary_rows.append(row)
+    headers = ["cases", "n"]
+    for name in RULES:
+        headers += [f"{name}: met", "median steps/GL", "max steps/GL", "reported within 2x"]
+    print("summary:")
+    print_table(headers, summary_rows)
 
 
 if __name__ == "__main__":

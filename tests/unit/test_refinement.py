@@ -4,7 +4,7 @@ import torch
 
 from test_engine import peak_rss_run
 from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_path, integrate_paths
-from vision_attribution.attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
+from vision_attribution.attribution.quadrature import ADAPTIVE_INTERVAL_BOUNDS, ADAPTIVE_MIN_STEPS, RuleSpec
 
 
 class RidgeFunction:
@@ -71,8 +71,27 @@ def test_refinement_stops_at_max_steps_and_says_the_tolerance_was_not_met():
     result = integrate_path(function, x, baseline, tolerance=1e-12, max_steps=40, internal_batch_size=8)
     assert len(result.alphas) <= 40 and not result.refinement.tolerance_met
     assert result.refinement.relative_error > 1e-12 and result.refinement.max_steps == 40
-    with pytest.raises(ValueError, match="max_steps must be at least 21"):
-        RuleSpec(tolerance=0.01, max_steps=20)
+    with pytest.raises(ValueError, match=f"max_steps must be at least {ADAPTIVE_MIN_STEPS}"):
+        RuleSpec(tolerance=0.01, max_steps=ADAPTIVE_MIN_STEPS - 1)
+
+
+def test_each_intervals_completeness_error_is_exact_and_drives_the_refinement():
+    """Along the path dF/dalpha = f, so an interval's trapezoid sum misses F(b) - F(a) by exactly its quadrature
+    error: segment_error is the sum of those misses, recomputed here from the reply's own nodes and F."""
+    function, x, baseline = ridge_case()
+    result = integrate_path(function, x, baseline, tolerance=1e-3, max_steps=1025, internal_batch_size=8, keep_path=True)
+    difference = (x - baseline)[0]
+    derivatives = torch.einsum("kchw,chw->k", result.path_gradients.double(), difference)
+    values = function(baseline + result.alphas.view(-1, 1, 1, 1) * (x - baseline))
+    misses = 0.0
+    for a, b in zip(ADAPTIVE_INTERVAL_BOUNDS[:-1], ADAPTIVE_INTERVAL_BOUNDS[1:]):
+        inside = (result.alphas >= a) & (result.alphas <= b)
+        alphas, f = result.alphas[inside], derivatives[inside]
+        trapezoid = float(((alphas[1:] - alphas[:-1]) * (f[1:] + f[:-1]) / 2).sum())
+        misses += abs(trapezoid - float(values[inside][-1] - values[inside][0]))
+    change = result.target_at_input - result.target_at_baseline
+    assert result.refinement.segment_error == pytest.approx(misses / abs(change), rel=1e-4)
+    assert result.refinement.relative_error <= result.refinement.segment_error
 
 
 def test_refinement_goes_where_the_integrand_is_steep():

@@ -7,8 +7,9 @@ round. The engine owns the gradient tensors, so a rule's memory is a few numbers
 
   FixedRule     one round: the nodes and weights of `path_coefficients(method, n_steps)`.
   AdaptiveRule  composite trapezoid on intervals graded towards both ends of the path, each interval halving
-                its spacing on its own (a nested rule: every node, and every gradient, is kept) where the
-                trapezoid's error estimate is largest, until the completeness error meets a tolerance.
+                its spacing on its own (a nested rule: every node, and every gradient, is kept) where its own
+                completeness error, known exactly from F at its ends, is largest, until the completeness error
+                of the whole path meets a tolerance.
 """
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
@@ -21,8 +22,8 @@ ADAPTIVE_METHOD = "adaptive_trapezoid"
 ADAPTIVE_INTERVAL_BOUNDS = (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 7 / 8, 15 / 16, 31 / 32, 1.0)
 """The adaptive rule's intervals, graded geometrically towards both ends, where path integrands of image
 models vary fastest (bench/tolerance.py). Memory: one input-sized accumulator per interval."""
-ADAPTIVE_MIN_STEPS = 2 * (len(ADAPTIVE_INTERVAL_BOUNDS) - 1) + 1
-"""The adaptive rule's first round: every interval's ends and midpoint (21 nodes)."""
+ADAPTIVE_MIN_STEPS = len(ADAPTIVE_INTERVAL_BOUNDS)
+"""The adaptive rule's first round: every interval's ends."""
 
 
 class TooFewSteps(ValueError):
@@ -88,7 +89,7 @@ class Refinement:
     max_steps: int
     tolerance_met: bool
     relative_error: float  # |sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')|, from the rule's float64 sums
-    error_estimate: float  # the trapezoid's own error estimate, sum over intervals of |T_L - T_(L-1)| / 3, relative
+    segment_error: float  # sum over the rule's intervals of |T_i - (F(b_i) - F(a_i))|, over |F(x) - F(x')|: >= relative_error
 
 
 class FixedRule:
@@ -126,9 +127,10 @@ class FixedRule:
 
 class AdaptiveRule:
     """Composite trapezoid over ADAPTIVE_INTERVAL_BOUNDS; interval i at level L has spacing |I_i| / 2^L and
-    its own slot. A refinement round halves the spacing of the intervals whose error estimate
-    |T_L - T_(L-1)| is at least a quarter of the largest: their slots are halved and the new midpoints
-    added, so no node is ever evaluated twice. It stops when |sum T - (F(1) - F(0))| <= tolerance * |F(1) - F(0)|,
+    its own slot. Along the path dF/dalpha = f, so each interval's own completeness error is known exactly:
+    e_i = T_i - (F(b_i) - F(a_i)), from F at its ends. A refinement round halves the spacing of the intervals
+    whose |e_i| is at least a quarter of the largest: their slots are halved and the new midpoints added, so no
+    node is ever evaluated twice. It stops when |sum_i e_i| = |sum T - (F(1) - F(0))| <= tolerance * |F(1) - F(0)|,
     or when no refinement fits in max_steps."""
 
     method = ADAPTIVE_METHOD
@@ -140,8 +142,8 @@ class AdaptiveRule:
         self.n_slots = len(self.bounds) - 1
         self.levels = np.zeros(self.n_slots, dtype=np.int64)
         self.sums = np.zeros(self.n_slots)  # trapezoid sum of f at each interval's current level
-        self.previous_sums = np.full(self.n_slots, np.nan)
         self.derivative_at: dict[float, float] = {}  # f at every node evaluated so far
+        self.value_at: dict[float, float] = {}  # F at every node evaluated so far
         self.endpoint_values: dict[float, float] = {}
         self.n_nodes = 0
         self.refinement: Optional[Refinement] = None
@@ -157,21 +159,16 @@ class AdaptiveRule:
         return length / 2**level * (sum(f) - 0.5 * (f[0] + f[-1]))
 
     def next_round(self) -> Optional[Round]:
-        if self._pending is None:  # the first round: all ends and midpoints (level 1 everywhere)
+        if self._pending is None:  # the first round: the intervals' ends (level 0 everywhere)
             self._pending = list(range(self.n_slots))
-            ends, mids = self.bounds, self.bounds[:-1] + self.lengths / 2
-            alphas = np.concatenate([ends, mids])
-            slots = np.zeros((len(alphas), 2), dtype=np.int64)
-            weights = np.zeros((len(alphas), 2))
-            for j in range(len(ends)):  # an end adds to the interval on its left and on its right
+            slots = np.zeros((len(self.bounds), 2), dtype=np.int64)
+            weights = np.zeros((len(self.bounds), 2))
+            for j in range(len(self.bounds)):  # an end adds to the interval on its left and on its right
                 if j > 0:
-                    slots[j, 0], weights[j, 0] = j - 1, self.lengths[j - 1] / 4
+                    slots[j, 0], weights[j, 0] = j - 1, self.lengths[j - 1] / 2
                 if j < self.n_slots:
-                    slots[j, 1], weights[j, 1] = j, self.lengths[j] / 4
-            for i in range(self.n_slots):
-                slots[len(ends) + i, 0], weights[len(ends) + i, 0] = i, self.lengths[i] / 2
-            self.levels[:] = 1
-            return Round(torch.from_numpy(alphas), torch.from_numpy(slots), torch.from_numpy(weights))
+                    slots[j, 1], weights[j, 1] = j, self.lengths[j] / 2
+            return Round(torch.from_numpy(self.bounds.copy()), torch.from_numpy(slots), torch.from_numpy(weights))
         if self._pending:
             self._finish_round()
         chosen = self._intervals_to_refine()
@@ -185,7 +182,6 @@ class AdaptiveRule:
             alphas.append(points)
             slots.append(np.full(len(points), i))
             weights.append(np.full(len(points), spacing))
-            self.previous_sums[i] = self.sums[i]
             self.levels[i] = new_level
         self._pending = chosen
         slot_pairs = np.stack([np.concatenate(slots), np.zeros(sum(map(len, slots)), dtype=np.int64)], axis=1)
@@ -195,33 +191,38 @@ class AdaptiveRule:
     def absorb(self, alphas: torch.Tensor, targets: torch.Tensor, derivatives: torch.Tensor) -> None:
         for alpha, target, derivative in zip(alphas.tolist(), targets.tolist(), derivatives.tolist()):
             self.derivative_at[alpha] = derivative
+            self.value_at[alpha] = target
             if alpha in (0.0, 1.0):
                 self.endpoint_values[alpha] = target
         self.n_nodes += len(alphas)
 
+    def segment_errors(self) -> np.ndarray:
+        """e_i = T_i - (F(b_i) - F(a_i)) for every interval, (n_slots,) float64: exact, up to F's rounding."""
+        ends = np.array([self.value_at[float(bound)] for bound in self.bounds])
+        return self.sums - np.diff(ends)
+
     def _finish_round(self) -> None:
         for i in self._pending:
-            if np.isnan(self.previous_sums[i]):
-                self.previous_sums[i] = self._trapezoid_sum(i, self.levels[i] - 1)
             self.sums[i] = self._trapezoid_sum(i, self.levels[i])
         self._pending = []
         target = self.endpoint_values[1.0] - self.endpoint_values[0.0]
-        error = abs(self.sums.sum() - target)
+        errors = self.segment_errors()
         scale = abs(target) if target != 0 else 1.0
-        met = error <= self.tolerance * abs(target)
-        self.refinement = Refinement(self.tolerance, self.max_steps, bool(met), error / scale, float(self._estimates().sum()) / scale)
+        met = abs(errors.sum()) <= self.tolerance * abs(target)
+        self.refinement = Refinement(self.tolerance, self.max_steps, bool(met), abs(errors.sum()) / scale, float(np.abs(errors).sum()) / scale)
 
-    def _estimates(self) -> np.ndarray:
-        return np.abs(self.sums - self.previous_sums) / 3
+    def refinement_indicators(self) -> np.ndarray:
+        """What decides which intervals are halved next, (n_slots,): |e_i|."""
+        return np.abs(self.segment_errors())
 
     def _intervals_to_refine(self) -> list[int]:
-        """Intervals to halve next, largest error estimate first; [] when the tolerance is met or nothing fits."""
+        """Intervals to halve next, largest indicator first; [] when the tolerance is met or nothing fits."""
         if self.refinement.tolerance_met:
             return []
-        estimates = self._estimates()
+        indicators = self.refinement_indicators()
         chosen, budget = [], self.max_steps - self.n_nodes
-        for i in np.argsort(-estimates, kind="stable"):
-            if chosen and estimates[i] < estimates[chosen[0]] / 4:
+        for i in np.argsort(-indicators, kind="stable"):
+            if chosen and indicators[i] < indicators[chosen[0]] / 4:
                 break
             cost = 2 ** int(self.levels[i])
             if cost <= budget:
