@@ -11,11 +11,12 @@ service decodes an upload), one explanation of the archive's default target from
   deeplab   DeepLabV3-MobileNetV3 (the archive's default model_type), random weights with BatchNorm statistics
             calibrated on two photos, at --deeplab-size (the archive's default is 513)
 Rules tried, each at tolerance --tolerance with max_steps --max-steps (the archives' default):
-  shipped         from the 11 interval ends, intervals are halved where their own completeness error, known exactly
-                  from F at their ends, is largest, until the completeness error meets the tolerance
+  shipped         from the 11 interval ends and then every midpoint (21 nodes), intervals are halved where their own
+                  completeness error, known exactly from F at their ends, is largest, until the completeness error
+                  meets the tolerance
   segment guard   the same, stopping only once segment_error (the intervals' errors summed without cancellation)
                   is within twice the tolerance too
-  21 first        the shipped rule from a first round of every interval's ends and midpoint (21 nodes)
+  11 first        the shipped rule without the midpoints round: it may stop on the 11 interval ends
   interval estimate  the rule before these: from those 21 nodes, intervals halved where |T_L - T_(L-1)| / 3 is
                   largest, stopping on the completeness error
 Gauss-Legendre: the steps n that reach the tolerance, searched over a ladder 4, 6, 8, 11, 16, 23, 32, ... (ratio
@@ -76,16 +77,14 @@ class SegmentGuardRule(AdaptiveRule):
         return super()._intervals_to_refine()
 
 
-class MidpointsFirstRule(AdaptiveRule):
-    """The shipped rule from a first round of every interval's ends and midpoint (21 nodes) instead of its ends."""
+class EndsFirstRule(AdaptiveRule):
+    """The shipped rule without its midpoints round: it may stop on the 11 interval ends alone."""
 
     def _intervals_to_refine(self) -> list[int]:
-        if (self.levels == 0).any():  # the 21-node first round: the ends, then every midpoint
-            return np.flatnonzero(self.levels == 0).tolist()
-        return super()._intervals_to_refine()
+        return [] if self.refinement.tolerance_met else self._largest_indicators()
 
 
-class IntervalEstimateRule(MidpointsFirstRule):
+class IntervalEstimateRule(AdaptiveRule):
     """The adaptive rule before the segment errors: from the 21-node first round, halves the intervals where
     |T_L - T_(L-1)| / 3 is largest."""
 
@@ -100,7 +99,7 @@ class IntervalEstimateRule(MidpointsFirstRule):
 
 
 RULES: dict[str, Callable[[float, int], AdaptiveRule]] = {
-    "shipped": AdaptiveRule, "segment guard": SegmentGuardRule, "21 first": MidpointsFirstRule, "interval estimate": IntervalEstimateRule,
+    "shipped": AdaptiveRule, "segment guard": SegmentGuardRule, "11 first": EndsFirstRule, "interval estimate": IntervalEstimateRule,
 }
 
 

@@ -22,8 +22,8 @@ ADAPTIVE_METHOD = "adaptive_trapezoid"
 ADAPTIVE_INTERVAL_BOUNDS = (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 7 / 8, 15 / 16, 31 / 32, 1.0)
 """The adaptive rule's intervals, graded geometrically towards both ends, where path integrands of image
 models vary fastest (bench/tolerance.py). Memory: one input-sized accumulator per interval."""
-ADAPTIVE_MIN_STEPS = len(ADAPTIVE_INTERVAL_BOUNDS)
-"""The adaptive rule's first round: every interval's ends."""
+ADAPTIVE_MIN_STEPS = 2 * (len(ADAPTIVE_INTERVAL_BOUNDS) - 1) + 1
+"""The adaptive rule's first two rounds: every interval's ends, then every midpoint (21 nodes)."""
 
 
 class TooFewSteps(ValueError):
@@ -128,8 +128,9 @@ class FixedRule:
 class AdaptiveRule:
     """Composite trapezoid over ADAPTIVE_INTERVAL_BOUNDS; interval i at level L has spacing |I_i| / 2^L and
     its own slot. Along the path dF/dalpha = f, so each interval's own completeness error is known exactly:
-    e_i = T_i - (F(b_i) - F(a_i)), from F at its ends. A refinement round halves the spacing of the intervals
-    whose |e_i| is at least a quarter of the largest: their slots are halved and the new midpoints added, so no
+    e_i = T_i - (F(b_i) - F(a_i)), from F at its ends. After the ends and every midpoint (21 nodes; from the ends
+    alone, effnet on coffee stops at 11 steps, 1.5% complete, with interval errors summing to 26%), a refinement
+    round halves the spacing of the intervals whose |e_i| is at least a quarter of the largest: their slots are halved and the new midpoints added, so no
     node is ever evaluated twice. It stops when |sum_i e_i| = |sum T - (F(1) - F(0))| <= tolerance * |F(1) - F(0)|,
     or when no refinement fits in max_steps."""
 
@@ -216,9 +217,15 @@ class AdaptiveRule:
         return np.abs(self.segment_errors())
 
     def _intervals_to_refine(self) -> list[int]:
-        """Intervals to halve next, largest indicator first; [] when the tolerance is met or nothing fits."""
-        if self.refinement.tolerance_met:
-            return []
+        """Intervals to halve next: first all of them (every midpoint, so that no explanation rests on the 11 ends
+        alone), then the largest indicators; [] when the tolerance is met or nothing fits."""
+        unrefined = np.flatnonzero(self.levels == 0)
+        if len(unrefined):
+            return unrefined.tolist()
+        return [] if self.refinement.tolerance_met else self._largest_indicators()
+
+    def _largest_indicators(self) -> list[int]:
+        """The intervals whose indicator is within a factor 4 of the largest, largest first, as many as fit."""
         indicators = self.refinement_indicators()
         chosen, budget = [], self.max_steps - self.n_nodes
         for i in np.argsort(-indicators, kind="stable"):
