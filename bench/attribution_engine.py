@@ -54,7 +54,7 @@ def main():
     adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, device, resize_mode="center_crop", idg_grid=4)
     model_input = adapter.prepare(photos.coffee(), {})
     plan = adapter.plan_explanation(model_input, {})
-    inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")
+    inputs, baseline = model_input.tensor, adapter.mean_input(model_input)
     class_index = plan.target["index"]
     captum_ig = IntegratedGradients(model)
     common = dict(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE)

@@ -47,7 +47,7 @@ def measure_in_this_process(n_steps, keep_path):
     start = time.perf_counter()
     if n_steps is not None:
         integrate_path(
-            plan.path_target, model_input.tensor, adapter.baseline(model_input, "zeros"), n_steps=n_steps,
+            plan.path_target, model_input.tensor, adapter.mean_input(model_input), n_steps=n_steps,
             method="gausslegendre", internal_batch_size=INTERNAL_BATCH_SIZE, groups=plan.groups, keep_path=keep_path,
         )  # fmt: skip
     seconds = time.perf_counter() - start

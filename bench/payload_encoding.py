@@ -33,7 +33,7 @@ def seed_reply() -> dict:
     model_input = adapter.prepare(photos.coffee(), {})
     plan = adapter.plan_explanation(model_input, {})
     integral = integrate_path(
-        plan.path_target, model_input.tensor, adapter.baseline(model_input, "zeros"),
+        plan.path_target, model_input.tensor, adapter.mean_input(model_input),
         n_steps=50, method="gausslegendre", internal_batch_size=10, keep_path=True,
     )  # fmt: skip
     return {

@@ -70,7 +70,7 @@ def explain_latency(store: Path, workdir: Path, repeats: int, budget_s: float) -
     photo = photos.astronaut()
     model_input = adapter.prepare(photo, {})
     plan = adapter.plan_explanation(model_input, {})
-    inputs, baseline = model_input.tensor, adapter.baseline(model_input, "zeros")
+    inputs, baseline = model_input.tensor, adapter.mean_input(model_input)
     common = dict(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE)
     captum_ig = IntegratedGradients(lambda points: plan.path_target(points))
     service = AttributionService(adapter, AttributionSettings(n_steps=N_STEPS, method=METHOD, internal_batch_size=INTERNAL_BATCH_SIZE, return_path=False))

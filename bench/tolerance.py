@@ -268,7 +268,7 @@ def main():
         for case in cases:
             model_input = adapter.prepare(decode_image_bytes(case.data), {})
             plan = adapter.plan_explanation(model_input, {})
-            scalars = PathScalars(plan.path_target, model_input.tensor, adapter.baseline(model_input, "zeros"))
+            scalars = PathScalars(plan.path_target, model_input.tensor, adapter.mean_input(model_input))
             first, steady = gauss_legendre_steps(scalars, args.tolerance)
             record = {"archive": archive, "case": case, "gl": steady}
             row = [case.label, f"{scalars.change:.3f}", str(first or "> 362"), str(steady or "> 256")]

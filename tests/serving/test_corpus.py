@@ -116,7 +116,7 @@ DEEPLAB = {
     "n_steps zero": case("deeplab", 400, "'n_steps' must be between 1 and 1024", "explanations", **deeplab_form(jpeg(COFFEE), n_steps="0")),
     "n_steps over max_steps": case("deeplab", 400, "'n_steps' must be between 1 and 1024", "explanations", **deeplab_form(jpeg(COFFEE), n_steps="5000")),
     "method unknown": case("deeplab", 400, "'method' must be one of", "explanations", **deeplab_form(jpeg(COFFEE), method="simpson")),
-    "baseline unknown": case("deeplab", 400, "'baseline' must be one of zeros, black; got 'blur'", "explanations", **deeplab_form(jpeg(COFFEE), baseline="blur")),
+    "baseline unknown": case("deeplab", 400, "'baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian, image; got 'sepia'", "explanations", **deeplab_form(jpeg(COFFEE), baseline="sepia")),
     "tolerance zero": case("deeplab", 400, "'tolerance'", "explanations", **deeplab_form(jpeg(COFFEE), tolerance="0")),
     "tolerance infinite": case("deeplab", 400, "'tolerance'", "explanations", **deeplab_form(jpeg(COFFEE), tolerance="inf")),
     "max_steps one": case("deeplab", 400, "'max_steps' must be between", "explanations", **deeplab_form(jpeg(COFFEE), tolerance="0.1", max_steps="1")),

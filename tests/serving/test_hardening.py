@@ -109,7 +109,7 @@ def test_archive_sh_refuses_a_checkpoint_that_cannot_be_loaded_with_the_loaders_
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"attribution": {"baseline": "blak"}}, "'attribution.baseline' must be one of zeros, black; got 'blak'"),
+        ({"attribution": {"baseline": "blak"}}, "'attribution.baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian; got 'blak'"),
         ({"attribution": {"n_steps": 0}}, "'attribution.n_steps' must be between 1 and"),
         ({"attribution": {"method": "simpson"}}, "'attribution.method' must be one of gausslegendre, riemann_left"),
         ({"model": {"idg_grid": "four"}}, "'model.idg_grid' must be an integer, got 'four'"),

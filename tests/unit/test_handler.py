@@ -65,7 +65,7 @@ def test_each_request_of_a_mixed_batch_gets_its_own_kind_and_status(handler):
     "yaml_config, message",
     [
         ({"attribution": {"nsteps": 5}}, r"'attribution:' has unknown key\(s\) \['nsteps'\]; allowed keys are \[.*'n_steps'"),
-        ({"attribution": {"baseline": "blak"}}, r"'attribution.baseline' must be one of zeros, black; got 'blak'"),
+        ({"attribution": {"baseline": "blak"}}, r"'attribution.baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian; got 'blak'"),
         ({"model": {"idg_grid": 0}}, r"'model.idg_grid' must be between 1 and 32, got 0"),
         ({"atribution": {}}, r"unknown top-level key\(s\) \['atribution'\]"),
     ],

@@ -62,7 +62,7 @@ def test_idg_per_mask_equals_an_independent_computation_and_dividends_sum_to_one
     model_input = adapter.prepare(image(2), {})
     model_input.tensor = model_input.tensor.double()
     plan = adapter.plan_explanation(model_input, {})
-    baseline = adapter.baseline(model_input, "black")
+    baseline = adapter.value_scale.to_model(torch.zeros_like(model_input.tensor))  # black
     result = integrate_path(plan.path_target, model_input.tensor, baseline, n_steps=12, groups=plan.groups, keep_path=True)
     difference = model_input.tensor - baseline
     for index, mask in enumerate(plan.groups):

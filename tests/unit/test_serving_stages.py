@@ -13,7 +13,7 @@ from torchserve_harness import REPO, jpeg_bytes
 from vision_attribution.adapters.classifier import ClassifierAdapter
 from vision_attribution.attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from vision_attribution.formats import kserve_v2
-from vision_attribution.serving.jobs import ExplanationJob, ExplanationSpec, IncomingRequest, PredictionJob, Protocol, Reply, Result
+from vision_attribution.serving.jobs import ExplanationJob, ExplanationSpec, IncomingRequest, PathSetSpec, PredictionJob, Protocol, Reply, Result
 from vision_attribution.serving.options import OPTIONS, PATH_OPTIONS
 from vision_attribution.serving.service import AttributionService
 from vision_attribution.serving.settings import AttributionSettings, ConfigError, read_model_config
@@ -42,7 +42,7 @@ def test_the_verbs_decode_run_encode_make_the_same_replies_as_the_whole(service)
     jobs = service.decode(requests)
     assert [type(job) for job in jobs] == [ExplanationJob, PredictionJob, Reply, ExplanationJob]
     assert [getattr(job, "protocol", None) for job in jobs] == [Protocol.NATIVE, Protocol.NATIVE, Protocol.NATIVE, Protocol.KSERVE_V2]
-    assert jobs[0].spec == ExplanationSpec(RuleSpec("gausslegendre", 4), "zeros", 16, False, None)
+    assert jobs[0].spec == ExplanationSpec(RuleSpec("gausslegendre", 4), PathSetSpec("zeros"), 16, False, None)
     assert jobs[2].status == 400 and "not a valid image" in jobs[2].error
     results = service.run(jobs)
     assert [type(result) for result in results] == [Result, Result, Reply, Result]

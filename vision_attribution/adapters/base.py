@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from ..formats.decode import PixelLayout
-from ..attribution.engine import PathIntegral, PathTarget
+from ..attribution.baselines import ValueScale
+from ..attribution.engine import PathTarget
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ExplanationPlan:
     prediction: the model's outputs at the input, merged into the reply (e.g. {"output": logits (1, K)}).
     groups: boolean masks (M, h, w) over the model input for IDG, with one label each.
     groups_are_segments: the groups are predicted segments (the IDG hierarchy's middle level), not a patch grid.
-    integral_summary: further reply fields computed from the integral (e.g. attribution per input channel).
+    integral_summary: further reply fields computed from the attribution (1, C, h, w) (e.g. its share per input channel).
     """
 
     path_target: PathTarget
@@ -42,7 +43,7 @@ class ExplanationPlan:
     groups: Optional[torch.Tensor] = None
     group_labels: list[str] = field(default_factory=list)
     groups_are_segments: bool = True
-    integral_summary: Optional[Callable[[PathIntegral], dict[str, Any]]] = None
+    integral_summary: Optional[Callable[[torch.Tensor], dict[str, Any]]] = None
 
 
 class ModelAdapter(Protocol):
@@ -53,6 +54,7 @@ class ModelAdapter(Protocol):
     options: tuple[str, ...]  # the model's own request options (the path options every archive accepts are the service's)
     prediction_types: tuple[str, ...]  # reply encodings for predictions, default first
     device: torch.device
+    value_scale: ValueScale  # image values in [0, 1] -> the model's input space: how the other baselines are made
 
     def prepare(self, image: np.ndarray, options: dict) -> ModelInput: ...
 
@@ -60,7 +62,8 @@ class ModelAdapter(Protocol):
 
     def plan_explanation(self, model_input: ModelInput, options: dict) -> ExplanationPlan: ...
 
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor: ...
+    def mean_input(self, model_input: ModelInput) -> torch.Tensor:
+        """(1, C, h, w): the input that normalises to zero (the training mean image), the zeros/mean baseline."""
 
     def prediction_png(self, prediction: dict) -> np.ndarray:
         """(H, W) uint8 label image of a prediction; only needed when "png" is in prediction_types."""

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from .base import ModelInput
+from ..attribution.baselines import ValueScale
 from ..formats.decode import PixelLayout
 from ..formats.errors import RequestError
 
@@ -50,6 +51,7 @@ class FixedSizeInput:
         self.input_size = input_size
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.value_scale = ValueScale(tuple(mean), tuple(std))
         self.device = device
         self.resize_mode = resize_mode
 
@@ -62,8 +64,6 @@ class FixedSizeInput:
         pixels = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         return ModelInput(tensor=self.normalise(pixels), image=image, region=region)
 
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor:
-        """zeros: zero in the normalised space (the seeds' baseline); black: a black image, normalised."""
-        if kind == "zeros":
-            return torch.zeros_like(model_input.tensor)
-        return self.normalise(torch.zeros_like(model_input.tensor))
+    def mean_input(self, model_input: ModelInput) -> torch.Tensor:
+        """Zero in the normalised space: the training mean image (the seeds' baseline)."""
+        return torch.zeros_like(model_input.tensor)

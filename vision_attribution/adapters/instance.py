@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .base import ExplanationPlan, ModelInput
+from ..attribution.baselines import ValueScale
 from ..formats.decode import PixelLayout
 from ..attribution.engine import PathTarget
 from ..formats.errors import RequestError
@@ -42,6 +43,7 @@ class InstanceSegmenterAdapter:
     seed_explanation_keys = None
     prediction_types = ("gzip", "npz", "png", "json")
     options = ("threshold", "instance", "native_resolution")
+    value_scale = ValueScale((0.0, 0.0, 0.0), (1 / 255,) * 3)  # the detector reads raw 0..255 pixels
 
     def __init__(
         self,
@@ -128,8 +130,6 @@ class InstanceSegmenterAdapter:
             group_labels=labels,
         )
 
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor:
-        """zeros: zero after the detector's normalisation, i.e. the mean image; black: all-zero pixels."""
-        if kind == "black":
-            return torch.zeros_like(model_input.tensor)
+    def mean_input(self, model_input: ModelInput) -> torch.Tensor:
+        """Zero after the detector's normalisation: its pixel mean image."""
         return self.detector.pixel_mean.to(model_input.tensor).expand_as(model_input.tensor[0])[None].clone()

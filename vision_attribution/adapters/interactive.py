@@ -15,10 +15,11 @@ from skimage.measure import find_contours
 from .base import ExplanationPlan, ModelInput
 from .fixed_size import RGB_ROWS
 from ..formats.encode import encode_png
-from ..attribution.engine import PathIntegral, PathTarget
+from ..attribution.engine import PathTarget
 from ..formats.errors import RequestError
 from ..formats.dextr import interactive_segment_reply, opex_document
-from ..networks.dextr import CropSettings, network_input, normalise, paste_probability
+from ..attribution.baselines import ValueScale
+from ..networks.dextr import INPUT_MEAN, INPUT_STD, CropSettings, network_input, paste_probability
 
 IMAGE_CHANNELS, HEATMAP_CHANNEL = slice(0, 3), 3
 POINT_MARGIN = 0.1
@@ -58,6 +59,7 @@ class ExtremePointsSegmenterAdapter:
     seed_explanation_keys = None
     options = ("points", "label", "threshold")
     prediction_types = ("json", "png", "opex", "gzip", "npz")
+    value_scale = ValueScale(INPUT_MEAN, INPUT_STD)  # RGB in [0, 1] and the points heatmap in [0, 1]
 
     def __init__(self, logits_of: Callable[[torch.Tensor], torch.Tensor], crop: CropSettings, device: torch.device):
         self.logits_of = logits_of
@@ -75,11 +77,9 @@ class ExtremePointsSegmenterAdapter:
         (top, left), (bottom, right) = box_yx.tolist()
         return ModelInput(tensor=tensor.to(self.device), image=image, region=(left, top, right, bottom))
 
-    def baseline(self, model_input: ModelInput, kind: str) -> torch.Tensor:
-        """zeros: zero in the normalised space (mean colour, mean heatmap); black: a black crop without heatmap."""
-        if kind == "zeros":
-            return torch.zeros_like(model_input.tensor)
-        return normalise(torch.zeros_like(model_input.tensor))
+    def mean_input(self, model_input: ModelInput) -> torch.Tensor:
+        """Zero in the normalised space: the mean colour and the mean heatmap."""
+        return torch.zeros_like(model_input.tensor)
 
     @torch.no_grad()
     def predict(self, inputs: list[ModelInput], options: list[dict]) -> list[dict]:
@@ -145,10 +145,10 @@ class ExtremePointsSegmenterAdapter:
         )
 
 
-def channel_attribution(integral: PathIntegral) -> dict:
+def channel_attribution(attribution: torch.Tensor) -> dict:
     """How the attribution divides between the image (RGB) channels and the point heatmap channel: the signed
     sums of IG and the shares of sum |IG| (the two shares add up to 1)."""
-    ig = integral.integrated_grads[0].double()
+    ig = attribution[0].double()
     sums = {"image": float(ig[IMAGE_CHANNELS].sum()), "heatmap": float(ig[HEATMAP_CHANNEL].sum())}
     magnitude = {"image": float(ig[IMAGE_CHANNELS].abs().sum()), "heatmap": float(ig[HEATMAP_CHANNEL].abs().sum())}
     total = sum(magnitude.values())

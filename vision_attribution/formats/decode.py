@@ -94,16 +94,17 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(np.clip(values, 0, full_scale) * (255.0 / full_scale)).astype(np.uint8), mode="L")
 
 
-def decode_base64_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a base64 string (optionally a data: URL) holding an encoded image to (H, W, 3) uint8 RGB."""
+def decode_base64_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS, field: str = "image") -> np.ndarray:
+    """Decode a base64 string (optionally a data: URL) holding an encoded image to (H, W, 3) uint8 RGB; `field`
+    names it in errors."""
     if not isinstance(text, str):
-        raise RequestError(f"'image' must be a base64-encoded image string, got {type(text).__name__}")
+        raise RequestError(f"'{field}' must be a base64-encoded image string, got {type(text).__name__}")
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise RequestError(f"'image' is not valid base64 ({error})") from error
+        raise RequestError(f"'{field}' is not valid base64 ({error})") from error
     return decode_image_bytes(data, max_pixels)
 
 

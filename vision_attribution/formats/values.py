@@ -7,6 +7,9 @@ import json
 import math
 from typing import Any, Callable, Optional
 
+from .decode import decode_base64_image, decode_image_bytes
+from .errors import RequestError
+
 Check = Callable[[Any], Any]
 
 
@@ -127,3 +130,29 @@ def extreme_points(value) -> list[list[float]]:
     if all(point == points[0] for point in points):
         raise ValueError(f"must be four different points around an object; all four are {points[0]}")
     return [[float(x), float(y)] for x, y in points]
+
+
+def images(max_pixels: int, most: int, name: str) -> Check:
+    """The uploaded images of option `name`: a file (a multipart field's bytes), a base64 string, or a list of up to
+    `most` base64 strings -> a list of (H, W, 3) uint8 RGB arrays. An image that does not decode is its own 400 or
+    413 (a RequestError that names the option and the image)."""
+
+    def check(value) -> list:
+        items = value if isinstance(value, list) else [value]
+        if not 1 <= len(items) <= most:
+            raise ValueError(f"must be 1 to {most} images, got {len(items)}")
+        decoded = []
+        for position, item in enumerate(items):
+            if not isinstance(item, (bytes, bytearray, str)):
+                raise ValueError(f"must be an image file, a base64 image or a list of them, got {_shown(item)}")
+            try:
+                if isinstance(item, str):
+                    decoded.append(decode_base64_image(item, max_pixels, field=name))
+                else:
+                    decoded.append(decode_image_bytes(bytes(item), max_pixels))
+            except RequestError as error:
+                where = f" (image {position} of {len(items)})" if len(items) > 1 else ""
+                raise RequestError(f"option '{name}'{where}: {error.message}", error.status) from None
+        return decoded
+
+    return check

@@ -1,7 +1,8 @@
 """Requests as the service receives them, the jobs it decodes them into, and the replies it sends back.
 
 A job knows once and for all what it asks for: its protocol (native, seed, KServe v2), its reply type, and for
-an explanation its quadrature rule, baseline, chunk size, whether the path is kept and its IDG hierarchy.
+an explanation its quadrature rule, its paths (baselines, noise), chunk size, whether the path is kept and its
+IDG hierarchy.
 """
 import enum
 import uuid
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
+from ..attribution.baselines import DEFAULT_SIGMA, DETERMINISTIC_BASELINES, RANDOM_BASELINES, UPLOADED_BASELINE
 from ..attribution.engine import PathProblem
 from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec, TooFewSteps
 from ..formats.errors import RequestError
@@ -55,12 +57,95 @@ class Reply:
     error: Optional[str] = None
 
 
+DEFAULT_NOISE_STDEV = 0.15
+"""SmoothGrad's noise level relative to the input's range (Smilkov et al. found 10-20% best)."""
+
+
+@dataclass(frozen=True)
+class PathSetSpec:
+    """Which straight paths one explanation integrates: one from a baseline (IG), `baselines` K > 1 from K baselines
+    (expected gradients), or `noise_samples` noisy inputs (SmoothGrad over IG); attribution/baselines.py defines the
+    baseline kinds. sigma: of a blur or gaussian baseline; seed: of every random draw."""
+
+    baseline: str
+    sigma: Optional[float] = None
+    baselines: int = 1
+    noise_samples: int = 0
+    noise_stdev: float = DEFAULT_NOISE_STDEV
+    noise_aggregation: str = "smoothgrad"
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        if self.noise_samples:
+            return "smoothgrad"
+        return "expected_gradients" if self.baselines > 1 else "integrated_gradients"
+
+    @property
+    def count(self) -> int:
+        """The number of paths."""
+        return self.noise_samples or self.baselines
+
+    @property
+    def draws(self) -> bool:
+        return self.baseline in RANDOM_BASELINES or self.noise_samples > 0
+
+    def description(self) -> dict[str, Any]:
+        """The reply's `attribution`: the method and what it was computed from, each parameter where it applies."""
+        described: dict[str, Any] = {"method": self.method, "baseline": self.baseline}
+        if self.baseline in DEFAULT_SIGMA:
+            described["baseline_sigma"] = self.sigma
+        if self.baselines > 1:
+            described["baselines"] = self.baselines
+        if self.noise_samples:
+            described.update(noise_samples=self.noise_samples, noise_stdev=self.noise_stdev, noise_aggregation=self.noise_aggregation)
+        if self.draws:
+            described["seed"] = self.seed
+        return described
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any], settings: AttributionSettings) -> "PathSetSpec":
+        """The request's paths; options that do not apply to what it asks for are a 400 rather than ignored."""
+        uploaded = options.get("baseline_image")
+        baseline = options.get("baseline", UPLOADED_BASELINE if uploaded else settings.baseline)
+        if uploaded and baseline != UPLOADED_BASELINE:
+            raise RequestError(f"'baseline_image' is the baseline of baseline '{UPLOADED_BASELINE}', not '{baseline}'; send one or the other")
+        if baseline == UPLOADED_BASELINE and not uploaded:
+            raise RequestError(f"baseline '{UPLOADED_BASELINE}' needs 'baseline_image': an image file (multipart) or base64 images (JSON)")
+        sigma = options.get("baseline_sigma")
+        if sigma is not None and baseline not in DEFAULT_SIGMA:
+            raise RequestError(f"'baseline_sigma' is the sigma of a {' or '.join(DEFAULT_SIGMA)} baseline; baseline '{baseline}' has none")
+        if baseline == "gaussian" and sigma is not None and sigma > 1:
+            raise RequestError(f"'baseline_sigma' of a gaussian baseline is a fraction of the value range [0, 1]: at most 1, got {sigma:g}")
+        count = options.get("baselines", len(uploaded) if uploaded else 1)
+        if uploaded and count != len(uploaded):
+            raise RequestError(f"'baselines' is {count} but {len(uploaded)} baseline image(s) were sent; leave 'baselines' out or send as many images")
+        if count > 1 and baseline in DETERMINISTIC_BASELINES:
+            raise RequestError(
+                f"'baselines': {count} integrates {count} paths from baselines drawn at random ({', '.join(RANDOM_BASELINES)}) or "
+                f"uploaded ('{UPLOADED_BASELINE}'); baseline '{baseline}' is one image, so its paths would all be the same"
+            )
+        samples = options.get("noise_samples", 0)
+        stray = sorted(name for name in ("noise_stdev", "noise_aggregation") if name in options)
+        if stray and not samples:
+            raise RequestError(f"option(s) {stray} shape SmoothGrad's noise; send 'noise_samples' with them")
+        if samples and count > 1:
+            raise RequestError("send either 'noise_samples' (SmoothGrad: noisy inputs, one baseline) or several baselines, not both")
+        spec = cls(
+            baseline, DEFAULT_SIGMA.get(baseline) if sigma is None else sigma, count, samples,
+            options.get("noise_stdev", DEFAULT_NOISE_STDEV), options.get("noise_aggregation", "smoothgrad"), options.get("seed", 0),
+        )  # fmt: skip
+        if "seed" in options and not spec.draws:
+            raise RequestError(f"'seed' seeds random baselines ({', '.join(RANDOM_BASELINES)}) and SmoothGrad's noise; this request draws neither")
+        return spec
+
+
 @dataclass(frozen=True)
 class ExplanationSpec:
     """How one explanation is computed, resolved once from its request's options and the archive's settings."""
 
     rule: RuleSpec
-    baseline: str
+    paths: PathSetSpec
     internal_batch_size: int
     keep_path: bool
     hierarchy_superpixels: Optional[int]  # superpixels of the IDG hierarchy's leaves, or None for no hierarchy
@@ -70,9 +155,13 @@ class ExplanationSpec:
     def resolve(cls, options: dict[str, Any], settings: AttributionSettings, seed_reply: bool) -> "ExplanationSpec":
         # The seed reply carries the path tensors, so a seed request keeps them unless it says return_path=false.
         keep_path = options.get("return_path", True) if seed_reply else option_or_default(options, "return_path", settings)
+        paths = PathSetSpec.resolve(options, settings)
+        if keep_path and paths.count > 1:
+            reason = "a seed request returns them unless it sends" if seed_reply and "return_path" not in options else "send"
+            raise RequestError(f"the path tensors are one path's; this explanation integrates {paths.count} paths: {reason} \"return_path\": false")
         return cls(
             rule=resolve_rule(options, settings),
-            baseline=option_or_default(options, "baseline", settings),
+            paths=paths,
             internal_batch_size=option_or_default(options, "internal_batch_size", settings),
             keep_path=keep_path,
             hierarchy_superpixels=options.get("idg_hierarchy"),
@@ -123,15 +212,20 @@ class ExplanationJob(Job):
 
     spec: ExplanationSpec
     plan: ExplanationPlan
-    baseline: torch.Tensor  # (1, C, h, w), like model_input.tensor
+    path_inputs: torch.Tensor  # (K, C, h, w): where each path ends (the input, or SmoothGrad's noisy inputs)
+    path_baselines: torch.Tensor  # (K, C, h, w): where each path starts
     seed_keys: Optional[tuple[str, ...]]  # the seed reply's keys where the reply is the seed's
 
-    def path_problem(self) -> PathProblem:
+    def path_problems(self) -> list[PathProblem]:
+        """One problem per path, k = 0 .. K - 1."""
         spec = self.spec
-        return PathProblem(
-            self.plan.path_target, self.model_input.tensor, self.baseline, spec.rule,
-            internal_batch_size=spec.internal_batch_size, groups=self.plan.groups, keep_path=spec.keep_path,
-        )  # fmt: skip
+        return [
+            PathProblem(
+                self.plan.path_target, self.path_inputs[k : k + 1], self.path_baselines[k : k + 1], spec.rule,
+                internal_batch_size=spec.internal_batch_size, groups=self.plan.groups, keep_path=spec.keep_path,
+            )
+            for k in range(len(self.path_inputs))
+        ]  # fmt: skip
 
 
 @dataclass

@@ -6,10 +6,12 @@ Each archive accepts PATH_OPTIONS plus its adapter's own options; docs/formats.m
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from ..attribution.baselines import BASELINE_KINDS
+from ..attribution.path_sets import AGGREGATIONS
 from ..attribution.quadrature import ADAPTIVE_METHOD, ADAPTIVE_MIN_STEPS, METHODS
 from ..formats import values
 from ..formats.errors import RequestError
-from .settings import BASELINES, AttributionSettings, Limits
+from .settings import AttributionSettings, Limits
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,14 @@ OPTIONS: dict[str, Option] = {
     "max_steps": Option(lambda limits: values.integer(ADAPTIVE_MIN_STEPS, limits.max_steps), True, "tolerance_max_steps"),
     "idg_hierarchy": Option(_always(values.integer(1, 1000)), True),
     "target": Option(_always(values.class_reference), True),
-    "baseline": Option(_always(values.choice(*BASELINES)), True, "baseline"),
+    "baseline": Option(_always(values.choice(*BASELINE_KINDS)), True, "baseline"),
+    "baseline_sigma": Option(_always(values.number(1e-3, 1000.0)), True),
+    "baseline_image": Option(lambda limits: values.images(limits.max_image_pixels, limits.max_paths, "baseline_image"), True),
+    "baselines": Option(lambda limits: values.integer(1, limits.max_paths), True),
+    "seed": Option(_always(values.integer(0, 2**63 - 1)), True),
+    "noise_samples": Option(lambda limits: values.integer(1, limits.max_paths), True),
+    "noise_stdev": Option(_always(values.number(1e-6, 1.0)), True),
+    "noise_aggregation": Option(_always(values.choice(*AGGREGATIONS)), True),
     "internal_batch_size": Option(lambda limits: values.integer(1, limits.max_internal_batch_size), True, "internal_batch_size"),
     "return_path": Option(_always(values.boolean), True, "return_path"),
     "threshold": Option(_always(values.number(0.0, 1.0))),
@@ -46,7 +55,10 @@ OPTIONS: dict[str, Option] = {
     "image_size": Option(_always(values.integer(16, 1024))),
 }  # fmt: skip
 
-PATH_OPTIONS = ("n_steps", "method", "tolerance", "max_steps", "baseline", "internal_batch_size", "return_path", "idg_hierarchy")
+PATH_OPTIONS = (
+    "n_steps", "method", "tolerance", "max_steps", "baseline", "baseline_sigma", "baseline_image", "baselines", "seed",
+    "noise_samples", "noise_stdev", "noise_aggregation", "internal_batch_size", "return_path", "idg_hierarchy",
+)  # fmt: skip
 """The explanation options every archive accepts (the path integral's); each adapter adds its own."""
 
 

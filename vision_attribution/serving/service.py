@@ -10,10 +10,14 @@ import dataclasses
 import logging
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
+from PIL import Image
 
-from ..adapters.base import ModelAdapter
+from ..adapters.base import ModelAdapter, ModelInput
+from ..attribution.baselines import UPLOADED_BASELINE, draw_baselines, noisy_inputs
 from ..attribution.engine import integrate_paths
+from ..attribution.path_sets import combine_paths
 from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
@@ -21,7 +25,7 @@ from ..formats.encode import encode_error, encode_gzip_torch, encode_json, encod
 from ..formats.errors import RequestError
 from ..formats.requests import ParsedRequest, parse_request
 from ..formats.seed_apis import max_prediction
-from .jobs import ExplanationJob, ExplanationSpec, IncomingRequest, Job, PredictionJob, Protocol, Reply, Result
+from .jobs import ExplanationJob, ExplanationSpec, IncomingRequest, Job, PathSetSpec, PredictionJob, Protocol, Reply, Result
 from .options import PATH_OPTIONS, checks_for, refuse_explanation_options
 from .payload import explanation_document, refuse_oversize_explanation, refuse_oversize_reply, steps_that_fit
 from .settings import AttributionSettings
@@ -90,7 +94,7 @@ class AttributionService:
         plan = adapter.plan_explanation(model_input, options)
         hierarchy = spec.hierarchy_superpixels is not None
         if spec.rule.adaptive and "max_steps" not in options:  # the server's default must not fail a request: lower it to fit
-            fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, hierarchy)
+            fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, hierarchy, spec.paths.count)
             if ADAPTIVE_MIN_STEPS <= fitting < spec.rule.max_steps:
                 rule = RuleSpec(tolerance=spec.rule.tolerance, max_steps=fitting)
                 spec = dataclasses.replace(spec, rule=rule, default_max_steps=spec.rule.max_steps)
@@ -98,10 +102,34 @@ class AttributionService:
         refuse_oversize_explanation(
             plan, model_input, spec.rule.most_steps, spec.keep_path, reply_type, self.settings.max_response_bytes, seed_keys is not None,
             "threshold" in adapter.options, hierarchy=hierarchy,
-            steps_option="max_steps" if spec.rule.adaptive else "n_steps",
+            steps_option="max_steps" if spec.rule.adaptive else "n_steps", paths=spec.paths.count,
         )
-        baseline = adapter.baseline(model_input, spec.baseline)
-        return ExplanationJob(request_id, protocol, reply_type, options, model_input, spec, plan, baseline, seed_keys)
+        path_inputs, path_baselines = self._path_ends(model_input, spec.paths, options)
+        return ExplanationJob(request_id, protocol, reply_type, options, model_input, spec, plan, path_inputs, path_baselines, seed_keys)
+
+    def _path_ends(self, model_input: ModelInput, paths: PathSetSpec, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the explanation's K paths end and start, (K, C, h, w) each; random draws from one generator seeded
+        with the request's seed, baselines first."""
+        inputs, generator = model_input.tensor, torch.Generator().manual_seed(paths.seed)
+        if paths.baseline == UPLOADED_BASELINE:
+            baselines = torch.cat([self._prepared_baseline(image, model_input, options) for image in options["baseline_image"]])
+        else:
+            mean_input = self.adapter.mean_input(model_input)
+            baselines = draw_baselines(paths.baseline, inputs, self.adapter.value_scale, mean_input, paths.baselines, paths.sigma, generator)
+        if paths.noise_samples:
+            return noisy_inputs(inputs, paths.noise_stdev, paths.noise_samples, generator), baselines.expand(paths.noise_samples, -1, -1, -1)
+        return inputs.expand_as(baselines), baselines
+
+    def _prepared_baseline(self, image: np.ndarray, model_input: ModelInput, options: dict) -> torch.Tensor:
+        """An uploaded baseline (H', W', 3) prepared exactly like the input, after a bilinear resize to the input
+        image's size where it differs -> (1, C, h, w)."""
+        height, width = model_input.image.shape[:2]
+        if image.shape[:2] != (height, width):
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        prepared = self.adapter.prepare(image, options).tensor
+        if prepared.shape != model_input.tensor.shape:
+            raise RequestError(f"the baseline image prepares to {tuple(prepared.shape[1:])}, the input to {tuple(model_input.tensor.shape[1:])}")
+        return prepared
 
     # run
 
@@ -136,21 +164,27 @@ class AttributionService:
         return self.adapter.predict([job.model_input for job in jobs], [job.options for job in jobs])
 
     def _explain(self, jobs: list[ExplanationJob]) -> list[Union[dict, Exception]]:
-        integrals = integrate_paths([job.path_problem() for job in jobs])
+        problems = [job.path_problems() for job in jobs]
+        integrals = iter(integrate_paths([problem for job_problems in problems for problem in job_problems]))
         documents: list[Union[dict, Exception]] = []
-        for job, integral in zip(jobs, integrals):
+        for job, job_problems in zip(jobs, problems):
+            paths = [next(integrals) for _ in job_problems]
             try:
-                documents.append(self._explanation_document(job, integral))
+                documents.append(self._explanation_document(job, paths))
             except Exception as error:  # noqa: BLE001 - this job's failure alone
                 documents.append(error)
         return documents
 
-    def _explanation_document(self, job: ExplanationJob, integral) -> dict:
-        plan = job.plan
-        document = explanation_document(integral, plan, job.model_input, job.spec.baseline, job.spec.default_max_steps)
-        if job.spec.hierarchy_superpixels is not None:
+    def _explanation_document(self, job: ExplanationJob, paths: list) -> dict:
+        """The reply document of one explanation from its K path integrals; the IDG hierarchy is built on the
+        (combined) attribution and the mean of the paths' differences x_k - x'_k."""
+        plan, spec = job.plan, job.spec
+        combined = combine_paths(paths, spec.paths.noise_aggregation) if len(paths) > 1 else None
+        document = explanation_document(paths, combined, plan, job.model_input, spec.paths.description(), spec.default_max_steps)
+        if spec.hierarchy_superpixels is not None:
+            attribution = paths[0].integrated_grads if combined is None else combined.attribution
             document["idg_hierarchy"] = segment_hierarchy(
-                integral.integrated_grads, job.model_input.tensor - job.baseline,
+                attribution, (job.path_inputs - job.path_baselines).mean(0, keepdim=True),
                 plan.groups if plan.groups_are_segments else None, plan.group_labels if plan.groups_are_segments else [],
                 superpixel_image_of(job.model_input.tensor), job.spec.hierarchy_superpixels,
             )  # fmt: skip

@@ -8,11 +8,12 @@ A misspelt key or a value outside what is allowed is a ConfigError that names th
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from ..attribution.baselines import DETERMINISTIC_BASELINES, RANDOM_BASELINES
 from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, METHODS, RuleSpec, TooFewSteps
 from ..formats import values
 
-BASELINES = ("zeros", "black")
-"""zeros: the all-zero tensor in the model's normalised input space (the seeds' baseline); black: a black image."""
+DEFAULT_BASELINES = DETERMINISTIC_BASELINES + RANDOM_BASELINES
+"""The baselines an archive may explain from by default (attribution/baselines.py); an uploaded image is per request."""
 
 TORCHSERVE_KEYS = frozenset({
     "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout", "deviceType",
@@ -45,6 +46,7 @@ class Limits:
     max_steps: int = 1024
     max_internal_batch_size: int = 512
     max_image_pixels: int = 36_000_000
+    max_paths: int = 64
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,13 @@ ATTRIBUTION_SETTINGS: dict[str, Setting] = {
                          "default relative completeness tolerance (adaptive rule); null: n_steps of `method`"),
     "tolerance_max_steps": Setting(values.integer(ADAPTIVE_MIN_STEPS, 100_000), 257, "default max_steps of a tolerance-driven explanation (at most max_steps)"),
     "internal_batch_size": Setting(values.integer(1, 100_000), 16, "path points per forward/backward chunk"),
-    "baseline": Setting(values.choice(*BASELINES), "zeros", "the path's starting point"),
+    "baseline": Setting(values.choice(*DEFAULT_BASELINES), "zeros", "the path's starting point"),
     "return_path": Setting(values.boolean, False, "also return the path gradients and path points"),
     "max_response_bytes": Setting(values.integer(1024), TORCHSERVE_DEFAULT_RESPONSE_LIMIT, "equal to config.properties' max_response_size"),
     "max_steps": Setting(values.integer(1, 100_000), 1024, "largest n_steps a request may ask for"),
     "max_internal_batch_size": Setting(values.integer(1, 100_000), 512, "largest internal_batch_size a request may ask for"),
     "max_image_pixels": Setting(values.integer(1), 36_000_000, "largest image (width x height) a request may send"),
+    "max_paths": Setting(values.integer(1, 4096), 64, "most paths (baselines or noise samples) of one explanation"),
 }
 
 

