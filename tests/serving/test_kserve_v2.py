@@ -123,6 +123,16 @@ def test_effnet_explanation_with_options_as_parameters_and_inputs(server):
     assert result["idg_per_mask/dividends"].sum() == pytest.approx(1.0)
 
 
+def test_effnet_explanation_from_a_baseline_image_input_and_over_random_baselines(server):
+    coffee = jpeg_bytes(photos.coffee())
+    inputs = [image_input(coffee, n_steps=4), {"name": "baseline_image", "datatype": "BYTES", "shape": [1], "data": [b64(coffee)]}]
+    itself = outputs(infer(server, "effnet", inputs, verb="explain"))
+    assert itself["attribution/baseline"].tolist() == ["image"] and float(np.abs(itself["integrated_grads"]).max()) == 0
+    several = outputs(infer(server, "effnet", [image_input(coffee, n_steps=4, baseline="uniform", baselines=2)], verb="explain"))
+    assert several["attribution/method"].tolist() == ["expected_gradients"] and several["paths/n_steps"].tolist() == [4, 4]
+    assert several["integrated_grads_std"].shape == (1, 3, 224, 224)
+
+
 def test_uint8_tensor_input_equals_the_same_image_as_png(server):
     photo = np.asarray(Image.fromarray(photos.chelsea()).resize((40, 30)))
     png = io.BytesIO()

@@ -1,4 +1,5 @@
 """End to end: the effnet, bit and lanet archives in a real TorchServe (the run's shared one), spoken to over HTTP."""
+import base64
 import io
 import json
 import re
@@ -65,6 +66,29 @@ def test_effnet_explanation_native_reply(server):
     assert idg["idg"].shape == idg["dividends"].shape == (16,)
     assert idg["masks"].shape == (16, 224, 224) and len(idg["labels"]) == 16
     assert float(idg["dividends"].sum()) == pytest.approx(1.0)
+
+
+def test_effnet_explains_from_an_uploaded_baseline_and_over_random_baselines(server):
+    """A baseline image as a second multipart file; expected gradients over 3 uniform baselines, read as a .npz by
+    np.load without pickle; the same seed gives the same reply."""
+    coffee, chelsea = jpeg_bytes(photos.coffee()), jpeg_bytes(photos.chelsea())
+    form = {"image": ("coffee.jpg", coffee, "image/jpeg"), "baseline_image": ("chelsea.jpg", chelsea, "image/jpeg")}
+    reply = server.post("/explanations/effnet", files=form, data={"n_steps": "8", "target": "espresso"})
+    assert reply.status_code == 200, reply.text
+    from_cat = read_reply(reply.content)
+    assert from_cat["attribution"] == {"method": "integrated_gradients", "baseline": "image"} and from_cat["baseline"] == "image"
+    itself = read_reply(server.post("/explanations/effnet", files={**form, "baseline_image": ("coffee.jpg", coffee, "image/jpeg")}, data={"n_steps": "8"}).content)
+    assert itself["target_at_baseline"] == pytest.approx(itself["target_at_input"]) and float(itself["integrated_grads"].abs().max()) == 0
+    assert from_cat["target_at_baseline"] != pytest.approx(from_cat["target_at_input"])
+
+    request = {"image": base64.b64encode(coffee).decode(), "baseline": "uniform", "baselines": 3, "n_steps": 8, "seed": 5}
+    replies = [server.post("/explanations/effnet", json=request, headers={"Accept": "application/x-npz"}) for _ in range(2)]
+    assert [reply.status_code for reply in replies] == [200, 200], replies[0].text
+    assert replies[0].content == replies[1].content
+    arrays = np.load(io.BytesIO(replies[0].content))
+    assert arrays["integrated_grads"].shape == arrays["integrated_grads_std"].shape == (1, 3, 224, 224)
+    assert arrays["paths/target_at_baseline"].shape == (3,) and str(arrays["attribution/method"]) == "expected_gradients"
+    assert float(arrays["convergence_delta"]) == pytest.approx(float(arrays["paths/convergence_delta"].mean()))
 
 
 def test_npz_reply_by_accept_header(server):

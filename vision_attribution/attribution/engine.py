@@ -15,13 +15,16 @@ linear in the gradients, so IDG(S) = sum(IG over S) / |z_S|: no second pass is e
 chunk plus one input-sized accumulator per slot of the rule, whatever the number of steps (unless the path is
 kept). On the CPU, path points are laid out channels-last, which oneDNN's convolutions run faster.
 
+A curved path (CurvedPath: Blur IG's scale space) gives its points x(alpha) and velocities dx/dalpha instead, and
+then IG = sum_k w_k g_k * v_k, accumulated the same way (IDG is still taken along x - x' of its two ends).
+
 Several explanations whose targets share one model forward (PathTarget.forward, the same object) and one
 input shape share chunks: a chunk holds at most the largest internal_batch_size among them (so memory is that
 of one explanation), filled with the points of one after the other, and each result equals the one it gets alone.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
@@ -55,6 +58,13 @@ def _identity(outputs):
     return outputs
 
 
+class CurvedPath(Protocol):
+    """A path other than the straight line, from x(0) (the problem's baseline) to x(1) (its inputs)."""
+
+    def evaluate(self, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alphas (b,) float64 in [0, 1] -> points x(alpha) and velocities dx/dalpha, each (b, C, H, W)."""
+
+
 @dataclass
 class PathIntegral:
     """What one pass of path gradients gives for one input of shape (1, C, H, W); n = number of steps."""
@@ -75,9 +85,10 @@ class PathIntegral:
 
 @dataclass
 class PathProblem:
-    """One integral to compute. inputs, baseline: (1, C, H, W) on the model's device. rule: the quadrature, of
-    which the engine makes a fresh rule for each computation. groups: boolean masks (M, H, W) or (M, 1|C, H, W)
-    for IDG, or None. keep_path: also return the path gradients and points (memory then grows with the steps)."""
+    """One integral to compute. inputs, baseline: (1, C, H, W) on the model's device, the path's ends. rule: the
+    quadrature, of which the engine makes a fresh rule for each computation. groups: boolean masks (M, H, W) or
+    (M, 1|C, H, W) for IDG, or None. keep_path: also return the path gradients and points (memory then grows with
+    the steps). path: a curved path between the two ends, or None for the straight one."""
 
     target: PathTarget
     inputs: torch.Tensor
@@ -86,6 +97,7 @@ class PathProblem:
     internal_batch_size: int = 16
     groups: Optional[torch.Tensor] = None
     keep_path: bool = False
+    path: Optional[CurvedPath] = None  # None: the straight path from baseline to inputs
 
     def __post_init__(self):
         if self.inputs.dim() != 4 or self.inputs.shape[0] != 1 or self.baseline.shape != self.inputs.shape:
@@ -127,6 +139,7 @@ class _Progress:
         self.difference = self.inputs - self.baseline
         self.slots = torch.zeros((self.rule.n_slots, *self.inputs.shape[1:]), dtype=self.inputs.dtype, device=self.inputs.device)
         self.kept: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.velocities: dict[int, torch.Tensor] = {}  # a curved path's dx/dalpha of the rows in flight, by first row
         self.round = None
         self.next_row = 0
         self.unabsorbed = 0
@@ -157,27 +170,36 @@ class _Progress:
         self.unabsorbed += count
         return rows
 
-    def points(self, rows: tuple[int, int]) -> torch.Tensor:
-        """(b, C, H, W) path points; alpha 0 and 1 give the baseline and the input exactly."""
+    def points(self, rows: tuple[int, int], gradients: bool = True) -> torch.Tensor:
+        """(b, C, H, W) path points; alpha 0 and 1 give the baseline and the input exactly. On a curved path the
+        rows' velocities are kept for absorb when their gradients will come."""
+        if self.problem.path is not None:
+            points, velocities = self.problem.path.evaluate(self.round.alphas[rows[0] : rows[1]])
+            if gradients:
+                self.velocities[rows[0]] = velocities
+            return points
         alphas = self.round.alphas[rows[0] : rows[1]].to(self.inputs.device, self.inputs.dtype).view(-1, 1, 1, 1)
         points = self.baseline + alphas * self.difference
         return torch.where(alphas == 1, self.inputs, points)
 
     def absorb(self, rows: tuple[int, int], targets: torch.Tensor, gradients: Optional[torch.Tensor], points: torch.Tensor) -> None:
-        """Add one chunk's gradients (b, C, H, W) to the slots and tell the rule F (b,) and, where it asks,
-        f = <g, x - x'> (b,); gradients is None for rows evaluated for F only."""
+        """Add one chunk's gradients (b, C, H, W) to the slots (times dx/dalpha on a curved path) and tell the rule
+        F (b,) and, where it asks, f = dF/dalpha = <g, x - x'> (b,); gradients is None for rows evaluated for F only."""
         start, stop = rows
         alphas = self.round.alphas[start:stop]
         derivatives = None
         if gradients is not None:
+            integrand = gradients if self.problem.path is None else gradients * self.velocities.pop(start)
             slots, weights = self.round.slots[start:stop], self.round.weights[start:stop]
             for column in range(slots.shape[1]):
                 if not bool(weights[:, column].any()):
                     continue
                 for slot in slots[:, column].unique().tolist():
                     chunk_weights = torch.where(slots[:, column] == slot, weights[:, column], 0.0)
-                    self.slots[slot] += torch.einsum("k,kchw->chw", chunk_weights.to(gradients.device, gradients.dtype), gradients)
-            if self.rule.needs_derivatives:
+                    self.slots[slot] += torch.einsum("k,kchw->chw", chunk_weights.to(integrand.device, integrand.dtype), integrand)
+            if self.rule.needs_derivatives and self.problem.path is not None:
+                derivatives = integrand.double().sum(dim=(1, 2, 3)).cpu()
+            elif self.rule.needs_derivatives:
                 derivatives = torch.einsum("kchw,chw->k", gradients.double(), self.difference[0].double()).cpu()
             if self.problem.keep_path:
                 for row in (weights != 0).any(dim=1).nonzero().flatten().tolist():
@@ -190,7 +212,10 @@ class _Progress:
     def result(self) -> PathIntegral:
         rule = self.rule
         alphas, weights = rule.final_rule()
-        integrated = (self.difference.double() * self.slots.sum(0, keepdim=True).double()).to(self.inputs.dtype)
+        integrated = self.slots.sum(0, keepdim=True).double()
+        if self.problem.path is None:
+            integrated = self.difference.double() * integrated
+        integrated = integrated.to(self.inputs.dtype)
         target_at_input, target_at_baseline = rule.endpoint_values[1.0], rule.endpoint_values[0.0]
         result = PathIntegral(
             integrated_grads=integrated,
@@ -233,7 +258,7 @@ def _run_chunks(family: list["_Progress"]) -> None:
     while True:
         evaluations = [(state, state.take(state.pending_evaluations)) for state in family if state.pending_evaluations > 0]
         if evaluations:
-            points = torch.cat([state.points(rows) for state, rows in evaluations])
+            points = torch.cat([state.points(rows, gradients=False) for state, rows in evaluations])
             with torch.no_grad():
                 targets = _readouts(evaluations, forward(points))
             for (state, rows), values in zip(evaluations, targets):

@@ -14,10 +14,11 @@ import torch
 from ..adapters.base import ExplanationPlan, ModelInput
 from ..attribution.baselines import DEFAULT_SIGMA, DETERMINISTIC_BASELINES, RANDOM_BASELINES, UPLOADED_BASELINE
 from ..attribution.engine import PathProblem
+from ..attribution.scale_space import DEFAULT_GRAD_STEP, DEFAULT_MAX_SIGMA, BlurPath
 from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec, TooFewSteps
 from ..formats.errors import RequestError
 from ..formats.kserve_v2 import Output
-from .options import option_or_default
+from .options import BLUR_IG, option_or_default
 from .settings import AttributionSettings
 
 
@@ -59,13 +60,18 @@ class Reply:
 
 DEFAULT_NOISE_STDEV = 0.15
 """SmoothGrad's noise level relative to the input's range (Smilkov et al. found 10-20% best)."""
+BLUR_IG_START = "blurred"
+"""The reply's `baseline` of Blur IG: its path starts at the input blurred by max_sigma."""
+STRAIGHT_PATH_OPTIONS = ("baseline", "baseline_sigma", "baseline_image", "baselines", "seed", "noise_samples", "noise_stdev", "noise_aggregation")
+BLUR_IG_OPTIONS = ("max_sigma", "grad_step")
 
 
 @dataclass(frozen=True)
 class PathSetSpec:
-    """Which straight paths one explanation integrates: one from a baseline (IG), `baselines` K > 1 from K baselines
-    (expected gradients), or `noise_samples` noisy inputs (SmoothGrad over IG); attribution/baselines.py defines the
-    baseline kinds. sigma: of a blur or gaussian baseline; seed: of every random draw."""
+    """Which paths one explanation integrates: one straight path from a baseline (IG), `baselines` K > 1 from K
+    baselines (expected gradients), `noise_samples` noisy inputs (SmoothGrad over IG), or Blur IG's path through scale
+    space; attribution/baselines.py defines the baseline kinds. sigma: of a blur or gaussian baseline; seed: of every
+    random draw; max_sigma, grad_step: Blur IG's (attribution/scale_space.py)."""
 
     baseline: str
     sigma: Optional[float] = None
@@ -74,9 +80,14 @@ class PathSetSpec:
     noise_stdev: float = DEFAULT_NOISE_STDEV
     noise_aggregation: str = "smoothgrad"
     seed: int = 0
+    blur_ig: bool = False
+    max_sigma: float = DEFAULT_MAX_SIGMA
+    grad_step: float = DEFAULT_GRAD_STEP
 
     @property
     def method(self) -> str:
+        if self.blur_ig:
+            return BLUR_IG
         if self.noise_samples:
             return "smoothgrad"
         return "expected_gradients" if self.baselines > 1 else "integrated_gradients"
@@ -93,6 +104,8 @@ class PathSetSpec:
     def description(self) -> dict[str, Any]:
         """The reply's `attribution`: the method and what it was computed from, each parameter where it applies."""
         described: dict[str, Any] = {"method": self.method, "baseline": self.baseline}
+        if self.blur_ig:
+            return {**described, "max_sigma": self.max_sigma, "grad_step": self.grad_step}
         if self.baseline in DEFAULT_SIGMA:
             described["baseline_sigma"] = self.sigma
         if self.baselines > 1:
@@ -106,6 +119,14 @@ class PathSetSpec:
     @classmethod
     def resolve(cls, options: dict[str, Any], settings: AttributionSettings) -> "PathSetSpec":
         """The request's paths; options that do not apply to what it asks for are a 400 rather than ignored."""
+        if options.get("attribution_method") == BLUR_IG:
+            stray = sorted(name for name in STRAIGHT_PATH_OPTIONS if name in options)
+            if stray:
+                raise RequestError(f"option(s) {stray} shape straight paths; Blur IG's path starts at the blurred input (its 'max_sigma')")
+            return cls(BLUR_IG_START, blur_ig=True, max_sigma=options.get("max_sigma", DEFAULT_MAX_SIGMA), grad_step=options.get("grad_step", DEFAULT_GRAD_STEP))
+        stray = sorted(name for name in BLUR_IG_OPTIONS if name in options)
+        if stray:
+            raise RequestError(f"option(s) {stray} shape Blur IG's path; send \"attribution_method\": \"{BLUR_IG}\" with them")
         uploaded = options.get("baseline_image")
         baseline = options.get("baseline", UPLOADED_BASELINE if uploaded else settings.baseline)
         if uploaded and baseline != UPLOADED_BASELINE:
@@ -223,6 +244,7 @@ class ExplanationJob(Job):
             PathProblem(
                 self.plan.path_target, self.path_inputs[k : k + 1], self.path_baselines[k : k + 1], spec.rule,
                 internal_batch_size=spec.internal_batch_size, groups=self.plan.groups, keep_path=spec.keep_path,
+                path=BlurPath(self.path_inputs[k : k + 1], spec.paths.max_sigma, spec.paths.grad_step) if spec.paths.blur_ig else None,
             )
             for k in range(len(self.path_inputs))
         ]  # fmt: skip

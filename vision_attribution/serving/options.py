@@ -14,6 +14,12 @@ from ..formats.errors import RequestError
 from .settings import AttributionSettings, Limits
 
 
+BLUR_IG = "blur_ig"
+ATTRIBUTION_METHODS = ("integrated_gradients", BLUR_IG)
+"""The request's `attribution_method`: straight paths (IG, and over several paths expected gradients or SmoothGrad),
+or Blur IG's path through scale space."""
+
+
 @dataclass(frozen=True)
 class Option:
     """check: the archive's limits -> the value check. default: the AttributionSettings field that is the
@@ -43,6 +49,9 @@ OPTIONS: dict[str, Option] = {
     "noise_samples": Option(lambda limits: values.integer(1, limits.max_paths), True),
     "noise_stdev": Option(_always(values.number(1e-6, 1.0)), True),
     "noise_aggregation": Option(_always(values.choice(*AGGREGATIONS)), True),
+    "attribution_method": Option(_always(values.choice(*ATTRIBUTION_METHODS)), True),
+    "max_sigma": Option(_always(values.number(0.1, 1000.0)), True),
+    "grad_step": Option(_always(values.number(1e-4, 1.0)), True),
     "internal_batch_size": Option(lambda limits: values.integer(1, limits.max_internal_batch_size), True, "internal_batch_size"),
     "return_path": Option(_always(values.boolean), True, "return_path"),
     "threshold": Option(_always(values.number(0.0, 1.0))),
@@ -57,7 +66,8 @@ OPTIONS: dict[str, Option] = {
 
 PATH_OPTIONS = (
     "n_steps", "method", "tolerance", "max_steps", "baseline", "baseline_sigma", "baseline_image", "baselines", "seed",
-    "noise_samples", "noise_stdev", "noise_aggregation", "internal_batch_size", "return_path", "idg_hierarchy",
+    "noise_samples", "noise_stdev", "noise_aggregation", "attribution_method", "max_sigma", "grad_step", "internal_batch_size",
+    "return_path", "idg_hierarchy",
 )  # fmt: skip
 """The explanation options every archive accepts (the path integral's); each adapter adds its own."""
 

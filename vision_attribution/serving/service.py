@@ -18,6 +18,7 @@ from ..adapters.base import ModelAdapter, ModelInput
 from ..attribution.baselines import UPLOADED_BASELINE, draw_baselines, noisy_inputs
 from ..attribution.engine import integrate_paths
 from ..attribution.path_sets import combine_paths
+from ..attribution.scale_space import BlurPath
 from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
@@ -111,6 +112,8 @@ class AttributionService:
         """Where the explanation's K paths end and start, (K, C, h, w) each; random draws from one generator seeded
         with the request's seed, baselines first."""
         inputs, generator = model_input.tensor, torch.Generator().manual_seed(paths.seed)
+        if paths.blur_ig:
+            return inputs, BlurPath(inputs, paths.max_sigma, paths.grad_step).start()
         if paths.baseline == UPLOADED_BASELINE:
             baselines = torch.cat([self._prepared_baseline(image, model_input, options) for image in options["baseline_image"]])
         else:
