@@ -116,7 +116,7 @@ DEEPLAB = {
     "n_steps zero": case("deeplab", 400, "'n_steps' must be between 1 and 1024", "explanations", **deeplab_form(jpeg(COFFEE), n_steps="0")),
     "n_steps over max_steps": case("deeplab", 400, "'n_steps' must be between 1 and 1024", "explanations", **deeplab_form(jpeg(COFFEE), n_steps="5000")),
     "method unknown": case("deeplab", 400, "'method' must be one of", "explanations", **deeplab_form(jpeg(COFFEE), method="simpson")),
-    "baseline unknown": case("deeplab", 400, "'baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian, image; got 'sepia'", "explanations", **deeplab_form(jpeg(COFFEE), baseline="sepia")),
+    "baseline unknown": case("deeplab", 400, "'baseline' must be one of zeros, mean, black, white, blur, black_and_white, uniform, gaussian, image; got 'sepia'", "explanations", **deeplab_form(jpeg(COFFEE), baseline="sepia")),
     "one baseline as several": case("deeplab", 400, "baseline 'black' is one image", "explanations", **deeplab_form(jpeg(COFFEE), baseline="black", baselines="4")),
     "baselines over max_paths": case("deeplab", 400, "'baselines' must be between 1 and 64", "explanations", **deeplab_form(jpeg(COFFEE), baseline="uniform", baselines="65")),
     "baseline_sigma of zeros": case("deeplab", 400, "'baseline_sigma' is the sigma of a blur or gaussian baseline", "explanations", **deeplab_form(jpeg(COFFEE), baseline_sigma="3")),

@@ -142,7 +142,7 @@ CORPUS = {
     "lanet: n_steps a string": Case("lanet", 400, "'n_steps' must be an integer, got 'ten'", native_json(n_steps="ten"), headers=SEED_JSON, kind="explanations"),
     "lanet: unknown option": Case("lanet", 400, "unknown field(s) ['steps']", native_json(steps=5), headers=SEED_JSON, kind="explanations"),
     "lanet: unknown method": Case("lanet", 400, "'method' must be one of", native_json(method="simpson"), headers=SEED_JSON, kind="explanations"),
-    "lanet: unknown baseline": Case("lanet", 400, "'baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian, image; got 'noise'", native_json(baseline="noise"), headers=SEED_JSON, kind="explanations"),
+    "lanet: unknown baseline": Case("lanet", 400, "'baseline' must be one of zeros, mean, black, white, blur, black_and_white, uniform, gaussian, image; got 'noise'", native_json(baseline="noise"), headers=SEED_JSON, kind="explanations"),
     "lanet: return_path not a boolean": Case("lanet", 400, "must be true or false", native_json(return_path="maybe"), headers=SEED_JSON, kind="explanations"),
     "lanet: bad base64": Case("lanet", 400, "base64", seed_json({"image": "not base64!!"}), headers=SEED_JSON, kind="explanations"),
     "lanet: unknown accept": Case("lanet", 406, "cannot reply", jpeg_bytes(SEED_IMAGE), headers={"Accept": "text/html"}, kind="explanations"),

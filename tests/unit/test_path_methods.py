@@ -15,6 +15,8 @@ Choices that differ from the references, and how the comparisons bridge them:
 - PAIR's BlurIG takes sigma_i = i * max_sigma / steps, i = 0 .. steps - 1, and weights each by the step in sigma:
   in alpha = 1 - sigma / max_sigma that is the riemann_right rule of `steps` nodes, which the comparison uses. PAIR's
   images are (H, W, C) numpy arrays; its model function gets them batched and returns the gradients the same way.
+- XRAI is compared on its regions: PAIR's XRAI (full algorithm) is given the same attribution as its
+  base_attribution and the same input, and must return the same ranked region map and per-pixel gains.
 - GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
   expected gradients are compared with Captum's IntegratedGradients per baseline rather than with GradientShap.
 """
@@ -40,6 +42,7 @@ from vision_attribution.attribution.engine import PathProblem, PathTarget, integ
 from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
 from vision_attribution.attribution.quadrature import RuleSpec
 from vision_attribution.attribution.scale_space import BlurPath
+from vision_attribution.attribution.xrai import xrai
 from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.serving.jobs import IncomingRequest
@@ -192,6 +195,26 @@ def test_effnet_real_weights_blur_ig_equals_pair_saliency():
     assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("photo", ["coffee", "astronaut"])
+def test_xrai_regions_equal_pair_saliency_xrai(photo):
+    """On effnet's input and its IG from black and white (XRAI's baselines), at float64."""
+    model = load_efficientnet_lite0(packaged_weights())
+    adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+    x = adapter.prepare(getattr(photos, photo)(), {}).tensor
+    baselines = draw_baselines("black_and_white", x, adapter.value_scale, torch.zeros_like(x), 2, None, torch.Generator())
+    attribution = combine_paths(integrate(lambda p: model(p)[:, 967], x.expand(2, -1, -1, -1), baselines, n_steps=4)).attribution.double()
+    regions = xrai(attribution, x)
+    parameters = pair.XRAIParameters(return_xrai_segments=True)
+    image, base = x[0].permute(1, 2, 0).double().numpy(), attribution[0].permute(1, 2, 0).numpy()
+    theirs = pair.XRAI().GetMaskWithDetails(image, None, base_attribution=base, extra_parameters=parameters)
+    assert np.array_equal(regions.ranks.numpy(), theirs.segments)
+    assert np.allclose(regions.heatmap.numpy(), theirs.attribution_mask, rtol=1e-12, atol=0)
+    assert len(regions.gains) == regions.ranks.max()
+    chosen = regions.gains[:-1] if bool((regions.ranks == len(regions.gains)).any()) else regions.gains  # the rest comes last
+    assert bool((chosen[:-1] >= chosen[1:]).all())
+
+
 # The service: options, replies, refusals
 
 
@@ -268,6 +291,19 @@ def test_blur_ig_reply(segmenter):
     assert refined["refinement"]["relative_error"] == pytest.approx(abs(refined["convergence_delta"]) / abs(change), rel=1e-6)
 
 
+def test_xrai_reply_ranks_regions_next_to_their_idg(segmenter):
+    document = read_reply(explain(segmenter, {"xrai": True, "baseline": "black_and_white", "n_steps": 4}).body)
+    assert document["attribution"] == {"method": "expected_gradients", "baseline": "black_and_white", "baselines": 2}
+    regions = document["xrai"]
+    ranks, gains = regions["ranks"], regions["gains"]
+    assert ranks.shape == (48, 48) and ranks.dtype == torch.int32 and int(ranks.min()) == 1 and int(ranks.max()) == len(gains)
+    assert regions["idg"].shape == regions["dividends"].shape == gains.shape and float(regions["dividends"].sum()) == pytest.approx(1.0)
+    per_pixel = document["integrated_grads"][0].double().amax(0)
+    for rank in (1, len(gains)):
+        assert float(per_pixel[ranks == rank].mean()) <= float(gains[rank - 1]) + 1e-9  # a region's gain counts its pixels when added
+    assert float(regions["heatmap"][ranks == 1].max()) == pytest.approx(float(gains[0]), rel=1e-6)
+
+
 def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
     itself = read_reply(explain(segmenter, {"baseline_image": base64.b64encode(PHOTO).decode(), "n_steps": 4}).body)
     assert itself["attribution"] == {"method": "integrated_gradients", "baseline": "image"}
@@ -283,7 +319,7 @@ def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
 @pytest.mark.parametrize(
     "fields, status, message",
     [
-        ({"baseline": "noise"}, 400, "'baseline' must be one of zeros, mean, black, white, blur, uniform, gaussian, image; got 'noise'"),
+        ({"baseline": "noise"}, 400, "'baseline' must be one of zeros, mean, black, white, blur, black_and_white, uniform, gaussian, image; got 'noise'"),
         ({"baselines": 3}, 400, "baseline 'zeros' is one image, so its paths would all be the same"),
         ({"baseline": "blur", "baselines": 2}, 400, "baseline 'blur' is one image"),
         ({"baselines": 65, "baseline": "uniform"}, 400, "'baselines' must be between 1 and 64"),
@@ -298,6 +334,8 @@ def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
         ({"baseline_image": "not base64!"}, 400, "option 'baseline_image': 'baseline_image' is not valid base64"),
         ({"baseline_image": [base64.b64encode(PHOTO).decode()] * 2, "baselines": 3}, 400, "'baselines' is 3 but 2 baseline image"),
         ({"baseline": "uniform", "baselines": 2, "return_path": True}, 400, "this explanation integrates 2 paths: send \"return_path\": false"),
+        ({"baseline": "black_and_white", "baselines": 3}, 400, "baseline 'black_and_white' is two baselines"),
+        ({"xrai": "perhaps"}, 400, "'xrai' must be true or false"),
         ({"attribution_method": "guided"}, 400, "'attribution_method' must be one of integrated_gradients, blur_ig"),
         ({"attribution_method": "blur_ig", "baseline": "black"}, 400, r"\['baseline'\] shape straight paths; Blur IG's path starts at the blurred input"),
         ({"max_sigma": 20}, 400, r"\['max_sigma'\] shape Blur IG's path; send \"attribution_method\": \"blur_ig\""),

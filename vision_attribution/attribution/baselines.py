@@ -5,6 +5,7 @@ heatmap as a fourth), which an archive maps to its input space by an affine Valu
 
     zeros, mean   the input that normalises to zero: the training mean image (the seeds' baseline)
     black, white  v = 0 and v = 1
+    black_and_white  both, two paths (XRAI's baselines)
     blur          the input blurred by a Gaussian of `sigma` model-input pixels, reflected at the borders
     uniform       v ~ U[0, 1], independently per value
     gaussian      v = clip(v(x) + N(0, sigma^2), 0, 1): noise around the input
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 DETERMINISTIC_BASELINES = ("zeros", "mean", "black", "white", "blur")
+BLACK_AND_WHITE = "black_and_white"
 RANDOM_BASELINES = ("uniform", "gaussian")
 UPLOADED_BASELINE = "image"
-BASELINE_KINDS = DETERMINISTIC_BASELINES + RANDOM_BASELINES + (UPLOADED_BASELINE,)
+BASELINE_KINDS = DETERMINISTIC_BASELINES + (BLACK_AND_WHITE,) + RANDOM_BASELINES + (UPLOADED_BASELINE,)
 DEFAULT_SIGMA = {"blur": 10.0, "gaussian": 0.1}
 """blur: sigma in model-input pixels; gaussian: sigma as a fraction of the value range [0, 1]."""
 GAUSSIAN_TRUNCATE = 4.0
@@ -88,16 +90,18 @@ def draw_baselines(
 ) -> torch.Tensor:
     """`count` baselines of `kind` for inputs (1, C, H, W) -> (count, C, H, W), in the inputs' dtype and device.
     mean_input: (1, C, H, W), the input that normalises to zero. sigma: of blur or gaussian (DEFAULT_SIGMA if None).
-    Deterministic kinds repeat one baseline; random kinds draw `count` from `generator` (a CPU generator)."""
+    Deterministic kinds repeat one baseline, black_and_white gives black then white (count 2); random kinds draw
+    `count` from `generator` (a CPU generator)."""
     if kind == UPLOADED_BASELINE:
         raise ValueError("uploaded baselines are prepared by the caller, like the input")
     sigma = DEFAULT_SIGMA.get(kind) if sigma is None else sigma
     shape = (count, *inputs.shape[1:])
     if kind in ("zeros", "mean"):
         return mean_input.expand(shape).clone()
-    if kind in ("black", "white"):
-        level = 0.0 if kind == "black" else 1.0
-        return scale.to_model(torch.full((1, *inputs.shape[1:]), level, dtype=inputs.dtype, device=inputs.device)).expand(shape).clone()
+    if kind in ("black", "white", BLACK_AND_WHITE):
+        levels = {"black": [0.0] * count, "white": [1.0] * count, BLACK_AND_WHITE: [0.0, 1.0]}[kind]
+        values = torch.tensor(levels, dtype=inputs.dtype, device=inputs.device).view(-1, 1, 1, 1).expand(len(levels), *inputs.shape[1:])
+        return scale.to_model(values)
     if kind == "blur":
         return gaussian_blur(inputs, sigma).expand(shape).clone()
     if kind == "uniform":

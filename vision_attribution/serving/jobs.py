@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
-from ..attribution.baselines import DEFAULT_SIGMA, DETERMINISTIC_BASELINES, RANDOM_BASELINES, UPLOADED_BASELINE
+from ..attribution.baselines import BLACK_AND_WHITE, DEFAULT_SIGMA, DETERMINISTIC_BASELINES, RANDOM_BASELINES, UPLOADED_BASELINE
 from ..attribution.engine import PathProblem
 from ..attribution.scale_space import DEFAULT_GRAD_STEP, DEFAULT_MAX_SIGMA, BlurPath
 from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec, TooFewSteps
@@ -138,7 +138,9 @@ class PathSetSpec:
             raise RequestError(f"'baseline_sigma' is the sigma of a {' or '.join(DEFAULT_SIGMA)} baseline; baseline '{baseline}' has none")
         if baseline == "gaussian" and sigma is not None and sigma > 1:
             raise RequestError(f"'baseline_sigma' of a gaussian baseline is a fraction of the value range [0, 1]: at most 1, got {sigma:g}")
-        count = options.get("baselines", len(uploaded) if uploaded else 1)
+        count = options.get("baselines", len(uploaded) if uploaded else 2 if baseline == BLACK_AND_WHITE else 1)
+        if baseline == BLACK_AND_WHITE and count != 2:
+            raise RequestError(f"baseline '{BLACK_AND_WHITE}' is two baselines; leave 'baselines' out or send 2, not {count}")
         if uploaded and count != len(uploaded):
             raise RequestError(f"'baselines' is {count} but {len(uploaded)} baseline image(s) were sent; leave 'baselines' out or send as many images")
         if count > 1 and baseline in DETERMINISTIC_BASELINES:
@@ -170,6 +172,7 @@ class ExplanationSpec:
     internal_batch_size: int
     keep_path: bool
     hierarchy_superpixels: Optional[int]  # superpixels of the IDG hierarchy's leaves, or None for no hierarchy
+    xrai: bool = False  # also rank XRAI's regions of the attribution
     default_max_steps: Optional[int] = None  # the archive's default max_steps where rule.max_steps was lowered to fit the reply
 
     @classmethod
@@ -186,6 +189,7 @@ class ExplanationSpec:
             internal_batch_size=option_or_default(options, "internal_batch_size", settings),
             keep_path=keep_path,
             hierarchy_superpixels=options.get("idg_hierarchy"),
+            xrai=options.get("xrai", False),
         )
 
 

@@ -49,6 +49,7 @@ OPTIONS: dict[str, Option] = {
     "noise_samples": Option(lambda limits: values.integer(1, limits.max_paths), True),
     "noise_stdev": Option(_always(values.number(1e-6, 1.0)), True),
     "noise_aggregation": Option(_always(values.choice(*AGGREGATIONS)), True),
+    "xrai": Option(_always(values.boolean), True),
     "attribution_method": Option(_always(values.choice(*ATTRIBUTION_METHODS)), True),
     "max_sigma": Option(_always(values.number(0.1, 1000.0)), True),
     "grad_step": Option(_always(values.number(1e-4, 1.0)), True),
@@ -67,7 +68,7 @@ OPTIONS: dict[str, Option] = {
 PATH_OPTIONS = (
     "n_steps", "method", "tolerance", "max_steps", "baseline", "baseline_sigma", "baseline_image", "baselines", "seed",
     "noise_samples", "noise_stdev", "noise_aggregation", "attribution_method", "max_sigma", "grad_step", "internal_batch_size",
-    "return_path", "idg_hierarchy",
+    "return_path", "idg_hierarchy", "xrai",
 )  # fmt: skip
 """The explanation options every archive accepts (the path integral's); each adapter adds its own."""
 

@@ -6,8 +6,9 @@ from typing import Any, Optional
 import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
-from ..attribution.engine import PathIntegral
+from ..attribution.engine import PathIntegral, integrated_directional_gradients
 from ..attribution.path_sets import CombinedIntegral
+from ..attribution.xrai import XraiRegions
 from ..formats.errors import RequestError
 
 
@@ -57,6 +58,12 @@ def explanation_document(
     return payload
 
 
+def xrai_document(regions: XraiRegions, attribution: torch.Tensor, difference: torch.Tensor) -> dict[str, Any]:
+    """The reply's `xrai`: the ranked regions, and the IDG of the same regions (attribution, difference: (1, C, h, w))."""
+    idg, dividends = integrated_directional_gradients(attribution, difference, regions.masks())
+    return {"ranks": regions.ranks.to(torch.int32), "gains": regions.gains, "heatmap": regions.heatmap.float(), "idg": idg, "dividends": dividends}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -100,14 +107,14 @@ def _tensor_bytes(tensor: torch.Tensor, reply_type: str) -> float:
 
 
 def estimate_explanation_bytes(
-    plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, hierarchy: bool = False,
+    plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, pixel_maps: int = 0,
     paths: int = 1,
 ) -> tuple[float, float]:
     """Estimated size of an explanation reply before it is computed: (total bytes, bytes per path step).
 
     The per-step part is the path tensors (2 x (C, h, w) float32 per step, with keep_path) and the
     quadrature coefficients; the rest is IG (C, h, w), the prediction already made, the IDG masks,
-    with an IDG hierarchy its (h, w) label map, and over several paths the spread (C, h, w) and each path's figures.
+    `pixel_maps` (h, w) maps (the IDG hierarchy's label map, XRAI's ranks and gains), and over several paths the spread (C, h, w) and each path's figures.
     """
     per_value = _BYTES_PER_VALUE[reply_type]
     input_values = model_input.tensor[0].numel()
@@ -116,34 +123,33 @@ def estimate_explanation_bytes(
     fixed += sum(_tensor_bytes(value, reply_type) for value in plan.prediction.values() if isinstance(value, torch.Tensor))
     if plan.groups is not None:
         fixed += _tensor_bytes(plan.groups, reply_type)
-    if hierarchy:
-        fixed += model_input.tensor[0, 0].numel() * per_value["float"]
+    fixed += pixel_maps * model_input.tensor[0, 0].numel() * per_value["float"]
     if paths > 1:
         fixed += (input_values + 6 * paths) * per_value["float"]
     return fixed + n_steps * per_step, per_step
 
 
 def steps_that_fit(
-    plan: ExplanationPlan, model_input: ModelInput, keep_path: bool, reply_type: str, limit: int, hierarchy: bool = False, paths: int = 1
+    plan: ExplanationPlan, model_input: ModelInput, keep_path: bool, reply_type: str, limit: int, pixel_maps: int = 0, paths: int = 1
 ) -> int:
     """The most path steps whose estimated reply fits `limit` bytes (0 when not even the fixed part fits)."""
-    fixed, per_step = estimate_explanation_bytes(plan, model_input, 0, keep_path, reply_type, hierarchy, paths)
+    fixed, per_step = estimate_explanation_bytes(plan, model_input, 0, keep_path, reply_type, pixel_maps, paths)
     return max(0, int((limit - fixed) // per_step))
 
 
 def refuse_oversize_explanation(
     plan: ExplanationPlan, model_input: ModelInput, n_steps: int, keep_path: bool, reply_type: str, limit: int, seed_reply: bool,
-    has_threshold: bool, hierarchy: bool = False, steps_option: str = "n_steps", paths: int = 1,
+    has_threshold: bool, pixel_maps: int = 0, steps_option: str = "n_steps", paths: int = 1,
 ) -> None:
     """413 at once, before any gradient is computed, when the estimated reply is over `limit` bytes; n_steps is
     the most steps the request may use (its `steps_option`: n_steps, or max_steps of a tolerance).
     The message gives the hints that apply: fewer steps, return_path=false, gzip, or (where the model has a
     score threshold and the masks are a large part of the reply) a higher threshold."""
-    estimate, _ = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type, hierarchy, paths)
+    estimate, _ = estimate_explanation_bytes(plan, model_input, n_steps, keep_path, reply_type, pixel_maps, paths)
     if estimate <= limit:
         return
     hints = []
-    fitting_steps = steps_that_fit(plan, model_input, keep_path, reply_type, limit, hierarchy, paths)
+    fitting_steps = steps_that_fit(plan, model_input, keep_path, reply_type, limit, pixel_maps, paths)
     if keep_path and fitting_steps >= 1:
         hints.append(f"{steps_option}={fitting_steps} or fewer fits")
     if keep_path:

@@ -19,6 +19,7 @@ from ..attribution.baselines import UPLOADED_BASELINE, draw_baselines, noisy_inp
 from ..attribution.engine import integrate_paths
 from ..attribution.path_sets import combine_paths
 from ..attribution.scale_space import BlurPath
+from ..attribution.xrai import xrai
 from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
@@ -28,7 +29,7 @@ from ..formats.requests import ParsedRequest, parse_request
 from ..formats.seed_apis import max_prediction
 from .jobs import ExplanationJob, ExplanationSpec, IncomingRequest, Job, PathSetSpec, PredictionJob, Protocol, Reply, Result
 from .options import PATH_OPTIONS, checks_for, refuse_explanation_options
-from .payload import explanation_document, refuse_oversize_explanation, refuse_oversize_reply, steps_that_fit
+from .payload import explanation_document, refuse_oversize_explanation, refuse_oversize_reply, steps_that_fit, xrai_document
 from .settings import AttributionSettings
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,16 @@ class AttributionService:
         spec = ExplanationSpec.resolve(options, self.settings, seed_reply=seed_keys is not None)
         model_input = adapter.prepare(parsed.image, options)
         plan = adapter.plan_explanation(model_input, options)
-        hierarchy = spec.hierarchy_superpixels is not None
+        pixel_maps = (spec.hierarchy_superpixels is not None) + 2 * spec.xrai
         if spec.rule.adaptive and "max_steps" not in options:  # the server's default must not fail a request: lower it to fit
-            fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, hierarchy, spec.paths.count)
+            fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, pixel_maps, spec.paths.count)
             if ADAPTIVE_MIN_STEPS <= fitting < spec.rule.max_steps:
                 rule = RuleSpec(tolerance=spec.rule.tolerance, max_steps=fitting)
                 spec = dataclasses.replace(spec, rule=rule, default_max_steps=spec.rule.max_steps)
                 log.info("request %s: the default max_steps %d lowered to %d, which fits the response limit", request_id, spec.default_max_steps, fitting)
         refuse_oversize_explanation(
             plan, model_input, spec.rule.most_steps, spec.keep_path, reply_type, self.settings.max_response_bytes, seed_keys is not None,
-            "threshold" in adapter.options, hierarchy=hierarchy,
+            "threshold" in adapter.options, pixel_maps=pixel_maps,
             steps_option="max_steps" if spec.rule.adaptive else "n_steps", paths=spec.paths.count,
         )
         path_inputs, path_baselines = self._path_ends(model_input, spec.paths, options)
@@ -179,15 +180,18 @@ class AttributionService:
         return documents
 
     def _explanation_document(self, job: ExplanationJob, paths: list) -> dict:
-        """The reply document of one explanation from its K path integrals; the IDG hierarchy is built on the
-        (combined) attribution and the mean of the paths' differences x_k - x'_k."""
+        """The reply document of one explanation from its K path integrals; XRAI's regions and the IDG hierarchy are
+        built on the (combined) attribution and the mean of the paths' differences x_k - x'_k."""
         plan, spec = job.plan, job.spec
         combined = combine_paths(paths, spec.paths.noise_aggregation) if len(paths) > 1 else None
         document = explanation_document(paths, combined, plan, job.model_input, spec.paths.description(), spec.default_max_steps)
+        attribution = paths[0].integrated_grads if combined is None else combined.attribution
+        difference = (job.path_inputs - job.path_baselines).mean(0, keepdim=True)
+        if spec.xrai:
+            document["xrai"] = xrai_document(xrai(attribution, job.model_input.tensor), attribution, difference)
         if spec.hierarchy_superpixels is not None:
-            attribution = paths[0].integrated_grads if combined is None else combined.attribution
             document["idg_hierarchy"] = segment_hierarchy(
-                attribution, (job.path_inputs - job.path_baselines).mean(0, keepdim=True),
+                attribution, difference,
                 plan.groups if plan.groups_are_segments else None, plan.group_labels if plan.groups_are_segments else [],
                 superpixel_image_of(job.model_input.tensor), job.spec.hierarchy_superpixels,
             )  # fmt: skip
