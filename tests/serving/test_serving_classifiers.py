@@ -91,6 +91,21 @@ def test_effnet_explains_from_an_uploaded_baseline_and_over_random_baselines(ser
     assert float(arrays["convergence_delta"]) == pytest.approx(float(arrays["paths/convergence_delta"].mean()))
 
 
+def test_effnet_guided_ig_and_blur_ig_as_json_requests(server):
+    """Guided IG and Blur IG by `attribution_method`, each reply telling how it was made and adding up to its own delta."""
+    image = base64.b64encode(jpeg_bytes(photos.coffee())).decode()
+    for options, described in (
+        ({"attribution_method": "guided_ig", "n_steps": 12, "max_dist": 0.05}, {"method": "guided_ig", "baseline": "zeros", "fraction": 0.25, "max_dist": 0.05}),
+        ({"attribution_method": "blur_ig", "n_steps": 8, "max_sigma": 20}, {"method": "blur_ig", "baseline": "blurred", "max_sigma": 20.0, "grad_step": 0.01}),
+    ):  # fmt: skip
+        reply = server.post("/explanations/effnet", json={"image": image, "target": "espresso", **options})
+        assert reply.status_code == 200, reply.text
+        document = read_reply(reply.content)
+        assert document["attribution"] == described and document["n_steps"] == options["n_steps"]
+        change = document["target_at_input"] - document["target_at_baseline"]
+        assert document["convergence_delta"] == pytest.approx(change - float(document["integrated_grads"].double().sum()), abs=1e-3)
+
+
 def test_npz_reply_by_accept_header(server):
     reply = server.post("/explanations/effnet", files={"image": jpeg_bytes(photos.chelsea())}, data={"n_steps": "4"}, headers={"Accept": "application/x-npz"})
     assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-npz"

@@ -22,7 +22,7 @@ from vision_attribution.formats.class_names import COCO_CLASSES
 
 TENSORMASK_EXPLANATION_KEYS = {
     "integrated_grads", "step_sizes", "alphas", "pred_masks", "scores", "pred_classes", "pred_boxes", "labels", "target",
-    "target_at_input", "target_at_baseline", "convergence_delta", "method", "n_steps", "baseline", "input_region", "idg_per_mask",
+    "target_at_input", "target_at_baseline", "convergence_delta", "method", "n_steps", "baseline", "attribution", "input_region", "idg_per_mask",
 }  # fmt: skip
 
 

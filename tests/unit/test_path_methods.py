@@ -1,4 +1,4 @@
-"""Baselines beyond zeros, expected gradients (K baselines), SmoothGrad over IG and Blur IG: their definitions,
+"""Baselines beyond zeros, expected gradients (K baselines), SmoothGrad over IG, Blur IG, Guided IG and XRAI: their definitions,
 equality with Captum 0.9 and Google PAIR's saliency 0.2.1 on the same model, input, baselines and random draws (a
 small CNN in float64, EfficientNet-lite0's real weights in float32), and the service's options and replies for them.
 
@@ -15,6 +15,10 @@ Choices that differ from the references, and how the comparisons bridge them:
 - PAIR's BlurIG takes sigma_i = i * max_sigma / steps, i = 0 .. steps - 1, and weights each by the step in sigma:
   in alpha = 1 - sigma / max_sigma that is the riemann_right rule of `steps` nodes, which the comparison uses. PAIR's
   images are (H, W, C) numpy arrays; its model function gets them batched and returns the gradients the same way.
+- PAIR's GuidedIG takes the gradient at the current point in a model function of its own, one point per call; the
+  engine evaluates F at the two ends first (for the convergence delta, which PAIR does not report) and then brings one
+  point per chunk. Its selection arithmetic is compared in float64, where equal gradients give equal choices; in float32
+  a feature whose |gradient| ties the threshold within rounding could be moved by one and not the other.
 - XRAI is compared on its regions: PAIR's XRAI (full algorithm) is given the same attribution as its
   base_attribution and the same input, and must return the same ranked region map and per-pixel gains.
 - GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
@@ -39,6 +43,7 @@ from vision_attribution.adapters.classifier import ClassifierAdapter
 from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
 from vision_attribution.attribution.baselines import ValueScale, draw_baselines, gaussian_blur, noisy_inputs
 from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_paths
+from vision_attribution.attribution.guided_path import GuidedSpec
 from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
 from vision_attribution.attribution.quadrature import RuleSpec
 from vision_attribution.attribution.scale_space import BlurPath
@@ -195,6 +200,41 @@ def test_effnet_real_weights_blur_ig_equals_pair_saliency():
     assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-4
 
 
+def guided_ig(scalar, x: torch.Tensor, baseline: torch.Tensor, steps: int, fraction: float, max_dist: float, keep_path: bool = False):
+    problem = PathProblem(PathTarget.of(scalar), x, baseline, GuidedSpec(steps, fraction, max_dist), 4, keep_path=keep_path)
+    return integrate_paths([problem])[0]
+
+
+@pytest.mark.parametrize("fraction, max_dist", [(0.25, 0.02), (0.1, 0.1), (1.0, 0.0)])
+def test_guided_ig_equals_pair_saliency_guided_ig(fraction, max_dist, monkeypatch):
+    """saliency 0.2.1 calls np.quantile(..., interpolation='lower'), a keyword NumPy 2 renamed to `method`: the test
+    passes it on under its new name."""
+    quantile = np.quantile
+    monkeypatch.setattr(np, "quantile", lambda values, q, interpolation="linear": quantile(values, q, method=interpolation))
+    model = small_classifier()
+    x, baseline = torch.rand(1, 3, 16, 16, dtype=torch.float64), torch.rand(1, 3, 16, 16, dtype=torch.float64) * 0.2
+    scalar = lambda points: model(points)[:, 1]  # noqa: E731
+    ours = guided_ig(scalar, x, baseline, 20, fraction, max_dist, keep_path=True)
+    image, start = x[0].permute(1, 2, 0).numpy(), baseline[0].permute(1, 2, 0).numpy()
+    theirs = pair.GuidedIG().GetMask(image, pair_model_function(scalar), x_baseline=start, x_steps=20, fraction=fraction, max_dist=max_dist)
+    assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-12
+    assert ours.intermediates.shape == (20, 3, 16, 16) and torch.equal(ours.intermediates[0], baseline[0].float())
+    assert ours.method == "guided" and torch.equal(ours.alphas, torch.arange(20, dtype=torch.float64) / 20)
+    change = float(scalar(x)) - float(scalar(baseline))
+    assert ours.target_at_input - ours.target_at_baseline == pytest.approx(change, rel=1e-12)
+    assert abs(ours.convergence_delta) < 0.05 * abs(change)  # a Riemann sum over 20 steps
+
+
+def test_guided_ig_without_max_dist_is_the_straight_path_riemann_left():
+    """max_dist 0: every feature stays on the straight path, so Guided IG is IG with the riemann_left rule."""
+    model = small_classifier()
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    scalar = lambda points: model(points)[:, 0]  # noqa: E731
+    guided = guided_ig(scalar, x, torch.zeros_like(x), 10, 0.25, 0.0)
+    straight = integrate_paths([PathProblem(PathTarget.of(scalar), x, torch.zeros_like(x), RuleSpec("riemann_left", 10), 4)])[0]
+    assert relative_error(guided.integrated_grads, straight.integrated_grads) < 1e-12
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("photo", ["coffee", "astronaut"])
 def test_xrai_regions_equal_pair_saliency_xrai(photo):
@@ -291,6 +331,17 @@ def test_blur_ig_reply(segmenter):
     assert refined["refinement"]["relative_error"] == pytest.approx(abs(refined["convergence_delta"]) / abs(change), rel=1e-6)
 
 
+def test_guided_ig_reply(segmenter):
+    document = read_reply(explain(segmenter, {"attribution_method": "guided_ig", "n_steps": 8, "baseline": "white", "max_dist": 0.1}).body)
+    assert document["attribution"] == {"method": "guided_ig", "baseline": "white", "fraction": 0.25, "max_dist": 0.1}
+    assert document["method"] == "guided" and document["n_steps"] == 8 and document["baseline"] == "white"
+    change = document["target_at_input"] - document["target_at_baseline"]
+    assert document["convergence_delta"] == pytest.approx(change - float(document["integrated_grads"].double().sum()), abs=1e-5)
+    two = read_reply(explain(segmenter, {"attribution_method": "guided_ig", "n_steps": 4, "baseline": "uniform", "baselines": 2}).body)
+    assert two["attribution"]["method"] == "guided_ig" and two["attribution"]["baselines"] == 2 and len(two["paths"]) == 2
+    assert two["integrated_grads_std"].shape == two["integrated_grads"].shape and [path["n_steps"] for path in two["paths"]] == [4, 4]
+
+
 def test_xrai_reply_ranks_regions_next_to_their_idg(segmenter):
     document = read_reply(explain(segmenter, {"xrai": True, "baseline": "black_and_white", "n_steps": 4}).body)
     assert document["attribution"] == {"method": "expected_gradients", "baseline": "black_and_white", "baselines": 2}
@@ -336,7 +387,12 @@ def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
         ({"baseline": "uniform", "baselines": 2, "return_path": True}, 400, "this explanation integrates 2 paths: send \"return_path\": false"),
         ({"baseline": "black_and_white", "baselines": 3}, 400, "baseline 'black_and_white' is two baselines"),
         ({"xrai": "perhaps"}, 400, "'xrai' must be true or false"),
-        ({"attribution_method": "guided"}, 400, "'attribution_method' must be one of integrated_gradients, blur_ig"),
+        ({"attribution_method": "guided"}, 400, "'attribution_method' must be one of integrated_gradients, blur_ig, guided_ig"),
+        ({"fraction": 0.5}, 400, r"\['fraction'\] shape Guided IG's path; send \"attribution_method\": \"guided_ig\""),
+        ({"attribution_method": "blur_ig", "max_dist": 0.1}, 400, r"\['max_dist'\] shape Guided IG's path"),
+        ({"attribution_method": "guided_ig", "max_sigma": 9}, 400, r"\['max_sigma'\] shape Blur IG's path"),
+        ({"attribution_method": "guided_ig", "tolerance": 0.01}, 400, r"\['tolerance'\] choose a quadrature; Guided IG takes 'n_steps' steps"),
+        ({"attribution_method": "guided_ig", "fraction": 0}, 400, "'fraction' must be a number between 0.0001 and 1"),
         ({"attribution_method": "blur_ig", "baseline": "black"}, 400, r"\['baseline'\] shape straight paths; Blur IG's path starts at the blurred input"),
         ({"max_sigma": 20}, 400, r"\['max_sigma'\] shape Blur IG's path; send \"attribution_method\": \"blur_ig\""),
         ({"attribution_method": "blur_ig", "grad_step": 0}, 400, "'grad_step' must be a number between 0.0001 and 1"),

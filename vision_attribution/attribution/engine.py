@@ -16,7 +16,8 @@ chunk plus one input-sized accumulator per slot of the rule, whatever the number
 kept). On the CPU, path points are laid out channels-last, which oneDNN's convolutions run faster.
 
 A curved path (CurvedPath: Blur IG's scale space) gives its points x(alpha) and velocities dx/dalpha instead, and
-then IG = sum_k w_k g_k * v_k, accumulated the same way (IDG is still taken along x - x' of its two ends).
+then IG = sum_k w_k g_k * v_k, accumulated the same way (IDG is still taken along x - x' of its two ends). Guided
+IG's path (guided_path.py) is decided step by step by the gradients: its problem brings one point to each chunk.
 
 Several explanations whose targets share one model forward (PathTarget.forward, the same object) and one
 input shape share chunks: a chunk holds at most the largest internal_batch_size among them (so memory is that
@@ -28,6 +29,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
+from .guided_path import GuidedPath, GuidedSpec
 from .quadrature import Refinement, RuleSpec, make_rule
 
 TargetFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -58,6 +60,10 @@ def _identity(outputs):
     return outputs
 
 
+GUIDED_STEPS = "guided"
+"""PathIntegral.method of Guided IG: n steps of 1/n of the L1 distance each, not a quadrature rule."""
+
+
 class CurvedPath(Protocol):
     """A path other than the straight line, from x(0) (the problem's baseline) to x(1) (its inputs)."""
 
@@ -86,14 +92,14 @@ class PathIntegral:
 @dataclass
 class PathProblem:
     """One integral to compute. inputs, baseline: (1, C, H, W) on the model's device, the path's ends. rule: the
-    quadrature, of which the engine makes a fresh rule for each computation. groups: boolean masks (M, H, W) or
+    quadrature, of which the engine makes a fresh rule for each computation, or Guided IG's steps (GuidedSpec). groups: boolean masks (M, H, W) or
     (M, 1|C, H, W) for IDG, or None. keep_path: also return the path gradients and points (memory then grows with
     the steps). path: a curved path between the two ends, or None for the straight one."""
 
     target: PathTarget
     inputs: torch.Tensor
     baseline: torch.Tensor
-    rule: RuleSpec
+    rule: Union[RuleSpec, GuidedSpec]
     internal_batch_size: int = 16
     groups: Optional[torch.Tensor] = None
     keep_path: bool = False
@@ -104,6 +110,8 @@ class PathProblem:
             raise ValueError(f"inputs and baseline must both be (1, C, H, W), got {tuple(self.inputs.shape)} and {tuple(self.baseline.shape)}")
         if self.internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be positive, got {self.internal_batch_size}")
+        if isinstance(self.rule, GuidedSpec) and self.path is not None:
+            raise ValueError("Guided IG decides its own path; a problem with a GuidedSpec rule takes no curved path")
 
 
 def integrate_path(
@@ -238,9 +246,75 @@ class _Progress:
         return result
 
 
+class _GuidedProgress:
+    """One Guided IG problem's state: F at its two ends is evaluated first, then it brings one point to each chunk,
+    the next decided by the gradient there (as _Progress, to _run_chunks)."""
+
+    def __init__(self, problem: PathProblem):
+        self.problem, self.spec = problem, problem.rule
+        self.inputs, self.baseline = problem.inputs.detach(), problem.baseline.detach()
+        self.path = GuidedPath(self.inputs, self.baseline, self.spec)
+        self.endpoint_values: dict[float, float] = {}
+        self.ends_taken = False
+        self.taken = 0
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def pending_evaluations(self) -> int:
+        return 0 if self.ends_taken else 2
+
+    @property
+    def pending(self) -> int:
+        """1 while steps remain and none is in flight: step k's point needs step k - 1's gradient."""
+        return int(self.ends_taken and self.taken == self.path.steps_done < self.spec.n_steps)
+
+    def take(self, count: int) -> tuple[int, int]:
+        if not self.ends_taken:
+            self.ends_taken = True
+            return (0, 2)
+        self.taken += count
+        return (self.taken - count, self.taken)
+
+    def points(self, rows: tuple[int, int], gradients: bool = True) -> torch.Tensor:
+        """The two ends (2, C, H, W) for F, or the next step's point (1, C, H, W)."""
+        if not gradients:
+            return torch.cat([self.baseline, self.inputs])
+        return self.path.point.to(self.inputs.dtype)
+
+    def absorb(self, rows: tuple[int, int], targets: torch.Tensor, gradients: Optional[torch.Tensor], points: torch.Tensor) -> None:
+        if gradients is None:
+            values = targets.detach().double().cpu().tolist()
+            self.endpoint_values = {0.0: values[0], 1.0: values[1]}
+            return
+        if self.problem.keep_path:
+            self.kept.append((gradients[0].to("cpu", torch.float32).contiguous(), points[0].detach().to("cpu", torch.float32).contiguous()))
+        self.path.advance(gradients)
+
+    def result(self) -> PathIntegral:
+        """alphas k / n (the share of the L1 distance covered where gradient k was taken), step sizes 1 / n."""
+        n = self.spec.n_steps
+        integrated = self.path.attribution.to(self.inputs.dtype)
+        target_at_input, target_at_baseline = self.endpoint_values[1.0], self.endpoint_values[0.0]
+        result = PathIntegral(
+            integrated_grads=integrated,
+            alphas=torch.arange(n, dtype=torch.float64) / n,
+            step_sizes=torch.full((n,), 1.0 / n, dtype=torch.float64),
+            target_at_input=target_at_input,
+            target_at_baseline=target_at_baseline,
+            convergence_delta=target_at_input - target_at_baseline - float(integrated.double().sum()),
+            method=GUIDED_STEPS,
+        )
+        if self.problem.keep_path:
+            result.path_gradients = torch.stack([gradient for gradient, _ in self.kept])
+            result.intermediates = torch.stack([point for _, point in self.kept])
+        if self.problem.groups is not None:
+            result.idg, result.idg_dividends = integrated_directional_gradients(integrated, self.inputs - self.baseline, self.problem.groups)
+        return result
+
+
 def integrate_paths(problems: list[PathProblem]) -> list[PathIntegral]:
     """Compute several integrals; problems with the same target forward and input shape share chunks."""
-    states = [_Progress(problem) for problem in problems]
+    states = [_GuidedProgress(problem) if isinstance(problem.rule, GuidedSpec) else _Progress(problem) for problem in problems]
     families: dict[tuple, list[_Progress]] = {}
     for state in states:
         key = (id(state.problem.target.forward), tuple(state.inputs.shape), state.inputs.dtype, state.inputs.device)

@@ -7,18 +7,19 @@ IDG hierarchy.
 import enum
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
 from ..attribution.baselines import BLACK_AND_WHITE, DEFAULT_SIGMA, DETERMINISTIC_BASELINES, RANDOM_BASELINES, UPLOADED_BASELINE
 from ..attribution.engine import PathProblem
+from ..attribution.guided_path import DEFAULT_FRACTION, DEFAULT_MAX_DIST, GuidedSpec
 from ..attribution.scale_space import DEFAULT_GRAD_STEP, DEFAULT_MAX_SIGMA, BlurPath
 from ..attribution.quadrature import ADAPTIVE_METHOD, RuleSpec, TooFewSteps
 from ..formats.errors import RequestError
 from ..formats.kserve_v2 import Output
-from .options import BLUR_IG, option_or_default
+from .options import BLUR_IG, GUIDED_IG, option_or_default
 from .settings import AttributionSettings
 
 
@@ -64,6 +65,8 @@ BLUR_IG_START = "blurred"
 """The reply's `baseline` of Blur IG: its path starts at the input blurred by max_sigma."""
 STRAIGHT_PATH_OPTIONS = ("baseline", "baseline_sigma", "baseline_image", "baselines", "seed", "noise_samples", "noise_stdev", "noise_aggregation")
 BLUR_IG_OPTIONS = ("max_sigma", "grad_step")
+GUIDED_IG_OPTIONS = ("fraction", "max_dist")
+QUADRATURE_OPTIONS = ("tolerance", "max_steps", "method")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class PathSetSpec:
     """Which paths one explanation integrates: one straight path from a baseline (IG), `baselines` K > 1 from K
     baselines (expected gradients), `noise_samples` noisy inputs (SmoothGrad over IG), or Blur IG's path through scale
     space; attribution/baselines.py defines the baseline kinds. sigma: of a blur or gaussian baseline; seed: of every
-    random draw; max_sigma, grad_step: Blur IG's (attribution/scale_space.py)."""
+    random draw; max_sigma, grad_step: Blur IG's (attribution/scale_space.py). guided: each path is Guided IG's
+    from its baseline (attribution/guided_path.py), with its fraction and max_dist."""
 
     baseline: str
     sigma: Optional[float] = None
@@ -83,11 +87,16 @@ class PathSetSpec:
     blur_ig: bool = False
     max_sigma: float = DEFAULT_MAX_SIGMA
     grad_step: float = DEFAULT_GRAD_STEP
+    guided: bool = False
+    fraction: float = DEFAULT_FRACTION
+    max_dist: float = DEFAULT_MAX_DIST
 
     @property
     def method(self) -> str:
         if self.blur_ig:
             return BLUR_IG
+        if self.guided:
+            return GUIDED_IG
         if self.noise_samples:
             return "smoothgrad"
         return "expected_gradients" if self.baselines > 1 else "integrated_gradients"
@@ -106,6 +115,8 @@ class PathSetSpec:
         described: dict[str, Any] = {"method": self.method, "baseline": self.baseline}
         if self.blur_ig:
             return {**described, "max_sigma": self.max_sigma, "grad_step": self.grad_step}
+        if self.guided:
+            described.update(fraction=self.fraction, max_dist=self.max_dist)
         if self.baseline in DEFAULT_SIGMA:
             described["baseline_sigma"] = self.sigma
         if self.baselines > 1:
@@ -119,14 +130,17 @@ class PathSetSpec:
     @classmethod
     def resolve(cls, options: dict[str, Any], settings: AttributionSettings) -> "PathSetSpec":
         """The request's paths; options that do not apply to what it asks for are a 400 rather than ignored."""
-        if options.get("attribution_method") == BLUR_IG:
+        method = options.get("attribution_method")
+        if method == BLUR_IG:
             stray = sorted(name for name in STRAIGHT_PATH_OPTIONS if name in options)
             if stray:
                 raise RequestError(f"option(s) {stray} shape straight paths; Blur IG's path starts at the blurred input (its 'max_sigma')")
+        for named, owned in ((BLUR_IG, BLUR_IG_OPTIONS), (GUIDED_IG, GUIDED_IG_OPTIONS)):
+            stray = sorted(name for name in owned if name in options)
+            if stray and method != named:
+                raise RequestError(f"option(s) {stray} shape {'Blur' if named == BLUR_IG else 'Guided'} IG's path; send \"attribution_method\": \"{named}\" with them")
+        if method == BLUR_IG:
             return cls(BLUR_IG_START, blur_ig=True, max_sigma=options.get("max_sigma", DEFAULT_MAX_SIGMA), grad_step=options.get("grad_step", DEFAULT_GRAD_STEP))
-        stray = sorted(name for name in BLUR_IG_OPTIONS if name in options)
-        if stray:
-            raise RequestError(f"option(s) {stray} shape Blur IG's path; send \"attribution_method\": \"{BLUR_IG}\" with them")
         uploaded = options.get("baseline_image")
         baseline = options.get("baseline", UPLOADED_BASELINE if uploaded else settings.baseline)
         if uploaded and baseline != UPLOADED_BASELINE:
@@ -157,6 +171,7 @@ class PathSetSpec:
         spec = cls(
             baseline, DEFAULT_SIGMA.get(baseline) if sigma is None else sigma, count, samples,
             options.get("noise_stdev", DEFAULT_NOISE_STDEV), options.get("noise_aggregation", "smoothgrad"), options.get("seed", 0),
+            guided=method == GUIDED_IG, fraction=options.get("fraction", DEFAULT_FRACTION), max_dist=options.get("max_dist", DEFAULT_MAX_DIST),
         )  # fmt: skip
         if "seed" in options and not spec.draws:
             raise RequestError(f"'seed' seeds random baselines ({', '.join(RANDOM_BASELINES)}) and SmoothGrad's noise; this request draws neither")
@@ -167,7 +182,7 @@ class PathSetSpec:
 class ExplanationSpec:
     """How one explanation is computed, resolved once from its request's options and the archive's settings."""
 
-    rule: RuleSpec
+    rule: Union[RuleSpec, GuidedSpec]  # Guided IG's steps where its paths are Guided IG's
     paths: PathSetSpec
     internal_batch_size: int
     keep_path: bool
@@ -184,13 +199,21 @@ class ExplanationSpec:
             reason = "a seed request returns them unless it sends" if seed_reply and "return_path" not in options else "send"
             raise RequestError(f"the path tensors are one path's; this explanation integrates {paths.count} paths: {reason} \"return_path\": false")
         return cls(
-            rule=resolve_rule(options, settings),
+            rule=guided_steps(options, settings, paths) if paths.guided else resolve_rule(options, settings),
             paths=paths,
             internal_batch_size=option_or_default(options, "internal_batch_size", settings),
             keep_path=keep_path,
             hierarchy_superpixels=options.get("idg_hierarchy"),
             xrai=options.get("xrai", False),
         )
+
+
+def guided_steps(options: dict[str, Any], settings: AttributionSettings, paths: PathSetSpec) -> GuidedSpec:
+    """Guided IG's steps: `n_steps` (or the archive's default n_steps) gradients, each deciding the next point."""
+    stray = sorted(name for name in QUADRATURE_OPTIONS if name in options)
+    if stray:
+        raise RequestError(f"option(s) {stray} choose a quadrature; Guided IG takes 'n_steps' steps, each decided by the gradient before it")
+    return GuidedSpec(option_or_default(options, "n_steps", settings), paths.fraction, paths.max_dist)
 
 
 def resolve_rule(options: dict[str, Any], settings: AttributionSettings) -> RuleSpec:

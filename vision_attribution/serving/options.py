@@ -15,9 +15,10 @@ from .settings import AttributionSettings, Limits
 
 
 BLUR_IG = "blur_ig"
-ATTRIBUTION_METHODS = ("integrated_gradients", BLUR_IG)
+GUIDED_IG = "guided_ig"
+ATTRIBUTION_METHODS = ("integrated_gradients", BLUR_IG, GUIDED_IG)
 """The request's `attribution_method`: straight paths (IG, and over several paths expected gradients or SmoothGrad),
-or Blur IG's path through scale space."""
+Blur IG's path through scale space, or Guided IG's path from the same baselines, chosen step by step."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ OPTIONS: dict[str, Option] = {
     "attribution_method": Option(_always(values.choice(*ATTRIBUTION_METHODS)), True),
     "max_sigma": Option(_always(values.number(0.1, 1000.0)), True),
     "grad_step": Option(_always(values.number(1e-4, 1.0)), True),
+    "fraction": Option(_always(values.number(1e-4, 1.0)), True),
+    "max_dist": Option(_always(values.number(0.0, 1.0)), True),
     "internal_batch_size": Option(lambda limits: values.integer(1, limits.max_internal_batch_size), True, "internal_batch_size"),
     "return_path": Option(_always(values.boolean), True, "return_path"),
     "threshold": Option(_always(values.number(0.0, 1.0))),
@@ -67,8 +70,8 @@ OPTIONS: dict[str, Option] = {
 
 PATH_OPTIONS = (
     "n_steps", "method", "tolerance", "max_steps", "baseline", "baseline_sigma", "baseline_image", "baselines", "seed",
-    "noise_samples", "noise_stdev", "noise_aggregation", "attribution_method", "max_sigma", "grad_step", "internal_batch_size",
-    "return_path", "idg_hierarchy", "xrai",
+    "noise_samples", "noise_stdev", "noise_aggregation", "attribution_method", "max_sigma", "grad_step", "fraction", "max_dist",
+    "internal_batch_size", "return_path", "idg_hierarchy", "xrai",
 )  # fmt: skip
 """The explanation options every archive accepts (the path integral's); each adapter adds its own."""
 
