@@ -14,6 +14,8 @@ round. The engine owns the gradient tensors, so a rule's memory is a few numbers
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+import functools
+
 import numpy as np
 import torch
 
@@ -45,6 +47,15 @@ def check_fixed_rule(method: str, n_steps: int) -> None:
         raise TooFewSteps(f"must be at least {least} for method {method}")
 
 
+@functools.lru_cache(maxsize=64)
+def _legendre(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [-1, 1], (n,) each, computed once per n: numpy's eigenvalue method holds
+    an n x n companion matrix (20 MiB and 0.2 s at n = 1024)."""
+    nodes, omegas = np.polynomial.legendre.leggauss(n_steps)
+    nodes.flags.writeable = omegas.flags.writeable = False
+    return nodes, omegas
+
+
 def path_coefficients(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (alphas, weights), both float64 of shape (n_steps,), alphas ascending, weights summing to 1.
 
@@ -56,7 +67,7 @@ def path_coefficients(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Te
     check_fixed_rule(method, n_steps)
     k = np.arange(n_steps, dtype=np.float64)
     if method == "gausslegendre":
-        nodes, omegas = np.polynomial.legendre.leggauss(n_steps)
+        nodes, omegas = _legendre(n_steps)
         alphas, weights = 0.5 * (1.0 + nodes), 0.5 * omegas
     elif method == "riemann_trapezoid":
         h = 1.0 / (n_steps - 1)
