@@ -123,7 +123,7 @@ DEEPLAB = {
     "seed without a draw": case("deeplab", 400, "'seed' seeds random baselines", "explanations", **deeplab_form(jpeg(COFFEE), seed="1")),
     "noise_samples with baselines": case("deeplab", 400, "not both", "explanations", **deeplab_form(jpeg(COFFEE), baseline="uniform", baselines="2", noise_samples="2")),
     "baseline_image not an image": case("deeplab", 400, "option 'baseline_image': the provided input is not a valid image", "explanations", files={"image": ("coffee.jpg", jpeg(COFFEE)), "baseline_image": ("b.jpg", b"not an image at all")}, data=SMALL),
-    "guided ig with a tolerance": case("deeplab", 400, "Guided IG takes 'n_steps' steps", "explanations", **deeplab_form(jpeg(COFFEE), attribution_method="guided_ig", tolerance="0.01")),
+    "guided ig with a tolerance and n_steps": case("deeplab", 400, "cannot be combined with 'n_steps'", "explanations", **deeplab_form(jpeg(COFFEE), attribution_method="guided_ig", tolerance="0.01", n_steps="8")),
     "guided ig option alone": case("deeplab", 400, "shape Guided IG's path", "explanations", **deeplab_form(jpeg(COFFEE), max_dist="0.1")),
     "several paths with return_path": case("deeplab", 400, "integrates 2 paths", "explanations", **deeplab_form(jpeg(COFFEE), noise_samples="2", return_path="true")),
     "tolerance zero": case("deeplab", 400, "'tolerance'", "explanations", **deeplab_form(jpeg(COFFEE), tolerance="0")),

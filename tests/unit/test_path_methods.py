@@ -225,6 +225,42 @@ def test_guided_ig_equals_pair_saliency_guided_ig(fraction, max_dist, monkeypatc
     assert abs(ours.convergence_delta) < 0.05 * abs(change)  # a Riemann sum over 20 steps
 
 
+@pytest.mark.slow
+def test_effnet_real_weights_guided_ig_equals_pair_saliency(monkeypatch):
+    """float32 on EfficientNet-lite0 from a uniform baseline, 16 steps: the engine casts its float64 point to float32
+    for each gradient, so PAIR is given the input and baseline in float64 and its model function casts the points to
+    float32, in the engine's channels-last layout; the gradients are then the same and so are the choices."""
+    quantile = np.quantile
+    monkeypatch.setattr(np, "quantile", lambda values, q, interpolation="linear": quantile(values, q, method=interpolation))
+    model = load_efficientnet_lite0(packaged_weights())
+    adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
+    x = adapter.prepare(photos.coffee(), {}).tensor
+    baseline = draw_baselines("uniform", x, adapter.value_scale, torch.zeros_like(x), 1, None, torch.Generator().manual_seed(3))
+    target = int(model(x).argmax())
+    scalar = lambda points: model(points.contiguous(memory_format=torch.channels_last))[:, target]  # noqa: E731
+    ours = guided_ig(scalar, x, baseline, 16, 0.25, 0.02)
+    image, start = x[0].permute(1, 2, 0).double().numpy(), baseline[0].permute(1, 2, 0).double().numpy()
+    theirs = pair.GuidedIG().GetMask(image, pair_model_function(scalar, torch.float32), x_baseline=start, x_steps=16)
+    assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-4
+
+
+def test_guided_ig_to_a_tolerance_doubles_its_steps_until_a_path_meets_it():
+    model = small_classifier()
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    scalar = lambda points: model(points)[:, 2]  # noqa: E731
+    problem = lambda spec: PathProblem(PathTarget.of(scalar), x, torch.zeros_like(x), spec, 4)  # noqa: E731
+    errors = {n: abs(guided_ig(scalar, x, torch.zeros_like(x), n, 0.25, 0.02).convergence_delta) for n in (16, 32, 64, 128, 256)}
+    change = float(scalar(x) - scalar(torch.zeros_like(x)))
+    tolerance = 1.01 * errors[64] / abs(change)
+    assert errors[16] > tolerance * abs(change) and errors[32] > tolerance * abs(change)  # so the first two paths miss it
+    refined = integrate_paths([problem(GuidedSpec(tolerance=tolerance, max_steps=257))])[0]
+    assert len(refined.alphas) == 64 and refined.refinement.tolerance_met
+    assert torch.equal(refined.integrated_grads, guided_ig(scalar, x, torch.zeros_like(x), 64, 0.25, 0.02).integrated_grads)
+    capped = integrate_paths([problem(GuidedSpec(tolerance=1e-9, max_steps=100))])[0]
+    assert len(capped.alphas) == 64 and not capped.refinement.tolerance_met  # 128 would pass max_steps
+    assert capped.refinement.relative_error == pytest.approx(errors[64] / abs(change), rel=1e-9)
+
+
 def test_guided_ig_without_max_dist_is_the_straight_path_riemann_left():
     """max_dist 0: every feature stays on the straight path, so Guided IG is IG with the riemann_left rule."""
     model = small_classifier()
@@ -340,6 +376,11 @@ def test_guided_ig_reply(segmenter):
     two = read_reply(explain(segmenter, {"attribution_method": "guided_ig", "n_steps": 4, "baseline": "uniform", "baselines": 2}).body)
     assert two["attribution"]["method"] == "guided_ig" and two["attribution"]["baselines"] == 2 and len(two["paths"]) == 2
     assert two["integrated_grads_std"].shape == two["integrated_grads"].shape and [path["n_steps"] for path in two["paths"]] == [4, 4]
+    refined = read_reply(explain(segmenter, {"attribution_method": "guided_ig", "tolerance": 0.05, "max_steps": 64}).body)
+    assert refined["n_steps"] in (16, 32, 64) and refined["refinement"]["max_steps"] == 64
+    change = refined["target_at_input"] - refined["target_at_baseline"]
+    assert refined["refinement"]["relative_error"] == pytest.approx(abs(refined["convergence_delta"]) / abs(change), rel=1e-6)
+    assert refined["refinement"]["tolerance_met"] == (refined["refinement"]["relative_error"] <= 0.05)
 
 
 def test_xrai_reply_ranks_regions_next_to_their_idg(segmenter):
@@ -391,7 +432,8 @@ def test_uploaded_baselines_are_prepared_like_the_input(segmenter):
         ({"fraction": 0.5}, 400, r"\['fraction'\] shape Guided IG's path; send \"attribution_method\": \"guided_ig\""),
         ({"attribution_method": "blur_ig", "max_dist": 0.1}, 400, r"\['max_dist'\] shape Guided IG's path"),
         ({"attribution_method": "guided_ig", "max_sigma": 9}, 400, r"\['max_sigma'\] shape Blur IG's path"),
-        ({"attribution_method": "guided_ig", "tolerance": 0.01}, 400, r"\['tolerance'\] choose a quadrature; Guided IG takes 'n_steps' steps"),
+        ({"attribution_method": "guided_ig", "tolerance": 0.01, "n_steps": 8}, 400, "cannot be combined with 'n_steps'"),
+        ({"attribution_method": "guided_ig", "method": "riemann_left"}, 400, "option 'method' chooses a quadrature; Guided IG takes steps"),
         ({"attribution_method": "guided_ig", "fraction": 0}, 400, "'fraction' must be a number between 0.0001 and 1"),
         ({"attribution_method": "blur_ig", "baseline": "black"}, 400, r"\['baseline'\] shape straight paths; Blur IG's path starts at the blurred input"),
         ({"max_sigma": 20}, 400, r"\['max_sigma'\] shape Blur IG's path; send \"attribution_method\": \"blur_ig\""),

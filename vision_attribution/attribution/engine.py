@@ -248,14 +248,18 @@ class _Progress:
 
 class _GuidedProgress:
     """One Guided IG problem's state: F at its two ends is evaluated first, then it brings one point to each chunk,
-    the next decided by the gradient there (as _Progress, to _run_chunks)."""
+    the next decided by the gradient there (as _Progress, to _run_chunks). With a tolerance, a path that misses it
+    is followed by one of twice the steps, up to max_steps."""
 
     def __init__(self, problem: PathProblem):
         self.problem, self.spec = problem, problem.rule
         self.inputs, self.baseline = problem.inputs.detach(), problem.baseline.detach()
-        self.path = GuidedPath(self.inputs, self.baseline, self.spec)
         self.endpoint_values: dict[float, float] = {}
         self.ends_taken = False
+        self._start_path(self.spec.first_steps)
+
+    def _start_path(self, n_steps: int) -> None:
+        self.path = GuidedPath(self.inputs, self.baseline, self.spec, n_steps)
         self.taken = 0
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -266,7 +270,7 @@ class _GuidedProgress:
     @property
     def pending(self) -> int:
         """1 while steps remain and none is in flight: step k's point needs step k - 1's gradient."""
-        return int(self.ends_taken and self.taken == self.path.steps_done < self.spec.n_steps)
+        return int(self.ends_taken and self.taken == self.path.steps_done < self.path.n_steps)
 
     def take(self, count: int) -> tuple[int, int]:
         if not self.ends_taken:
@@ -289,10 +293,18 @@ class _GuidedProgress:
         if self.problem.keep_path:
             self.kept.append((gradients[0].to("cpu", torch.float32).contiguous(), points[0].detach().to("cpu", torch.float32).contiguous()))
         self.path.advance(gradients)
+        path = self.path
+        if self.spec.adaptive and path.steps_done == path.n_steps and 2 * path.n_steps <= self.spec.max_steps:
+            if self._relative_error() > self.spec.tolerance:
+                self._start_path(2 * path.n_steps)
+
+    def _relative_error(self) -> float:
+        change = self.endpoint_values[1.0] - self.endpoint_values[0.0]
+        return abs(change - float(self.path.attribution.to(self.inputs.dtype).double().sum())) / (abs(change) or 1.0)
 
     def result(self) -> PathIntegral:
         """alphas k / n (the share of the L1 distance covered where gradient k was taken), step sizes 1 / n."""
-        n = self.spec.n_steps
+        n = self.path.n_steps
         integrated = self.path.attribution.to(self.inputs.dtype)
         target_at_input, target_at_baseline = self.endpoint_values[1.0], self.endpoint_values[0.0]
         result = PathIntegral(
@@ -304,6 +316,9 @@ class _GuidedProgress:
             convergence_delta=target_at_input - target_at_baseline - float(integrated.double().sum()),
             method=GUIDED_STEPS,
         )
+        if self.spec.adaptive:  # one segment: the path's own error
+            error = self._relative_error()
+            result.refinement = Refinement(self.spec.tolerance, self.spec.max_steps, error <= self.spec.tolerance, error, error)
         if self.problem.keep_path:
             result.path_gradients = torch.stack([gradient for gradient, _ in self.kept])
             result.intermediates = torch.stack([point for _, point in self.kept])

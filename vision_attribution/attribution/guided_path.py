@@ -14,6 +14,7 @@ two choose the same features.
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -21,35 +22,49 @@ CLOSENESS = 1e-9
 """A step has reached its target distance when the two agree within this, relatively or absolutely (math.isclose)."""
 DEFAULT_FRACTION = 0.25
 DEFAULT_MAX_DIST = 0.02
+FIRST_STEPS = 16
+"""With a tolerance, the first path's steps; each next path has twice as many."""
 
 
 @dataclass(frozen=True)
 class GuidedSpec:
     """Guided IG's settings: n_steps gradient evaluations, the fraction of features moved at once, and how far (as a
-    share of the path, 0..1) a feature may run ahead of or behind the straight path."""
+    share of the path, 0..1) a feature may run ahead of or behind the straight path. With a tolerance, paths of 16,
+    32, 64, ... steps (at most max_steps) are run until one's completeness error is at most tolerance * |F(x) - F(x')|
+    (the path depends on its number of steps, so each is a new path; n_steps is then unused)."""
 
-    n_steps: int
+    n_steps: int = 50
     fraction: float = DEFAULT_FRACTION
     max_dist: float = DEFAULT_MAX_DIST
+    tolerance: Optional[float] = None
+    max_steps: int = 257
 
     def __post_init__(self):
-        if self.n_steps < 1 or not 0 < self.fraction <= 1 or not 0 <= self.max_dist <= 1:
-            raise ValueError(f"Guided IG needs n_steps >= 1, 0 < fraction <= 1 and 0 <= max_dist <= 1, got {self}")
+        if self.n_steps < 1 or not 0 < self.fraction <= 1 or not 0 <= self.max_dist <= 1 or self.max_steps < FIRST_STEPS:
+            raise ValueError(f"Guided IG needs n_steps >= 1, 0 < fraction <= 1, 0 <= max_dist <= 1 and max_steps >= {FIRST_STEPS}, got {self}")
 
-    adaptive = False  # as RuleSpec.adaptive: Guided IG has no tolerance
+    least_max_steps = FIRST_STEPS
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tolerance is not None
 
     @property
     def most_steps(self) -> int:
-        """The path points it uses (as RuleSpec.most_steps)."""
-        return self.n_steps
+        """The most steps of the path it returns (as RuleSpec.most_steps)."""
+        return self.max_steps if self.adaptive else self.n_steps
+
+    @property
+    def first_steps(self) -> int:
+        return FIRST_STEPS if self.adaptive else self.n_steps
 
 
 class GuidedPath:
     """One Guided IG path from baseline to inputs, (1, C, H, W) each, in float64; `point` is where the next gradient
     is taken, `attribution` the sum so far."""
 
-    def __init__(self, inputs: torch.Tensor, baseline: torch.Tensor, spec: GuidedSpec):
-        self.inputs, self.baseline, self.spec = inputs.double(), baseline.double(), spec
+    def __init__(self, inputs: torch.Tensor, baseline: torch.Tensor, spec: GuidedSpec, n_steps: int):
+        self.inputs, self.baseline, self.spec, self.n_steps = inputs.double(), baseline.double(), spec, n_steps
         self.point = self.baseline.clone()
         self.difference = self.inputs - self.baseline
         self.total_distance = float(self.difference.abs().sum())
@@ -67,10 +82,10 @@ class GuidedPath:
             return
         gradient = gradient.double()
         spec, step = self.spec, self.steps_done
-        alpha = step / spec.n_steps
+        alpha = step / self.n_steps
         alpha_min, alpha_max = max(alpha - spec.max_dist, 0.0), min(alpha + spec.max_dist, 1.0)
         lowest, highest = self.along(alpha_min), self.along(alpha_max)
-        target = self.total_distance * (1 - step / spec.n_steps)
+        target = self.total_distance * (1 - step / self.n_steps)
         ranked = gradient.clone()
         point = self.point
         while True:

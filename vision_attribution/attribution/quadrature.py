@@ -280,6 +280,8 @@ class RuleSpec:
     def adaptive(self) -> bool:
         return self.tolerance is not None
 
+    least_max_steps = ADAPTIVE_MIN_STEPS
+
     @property
     def most_steps(self) -> int:
         """The most path points the rule may use: max_steps of a tolerance, else n_steps."""

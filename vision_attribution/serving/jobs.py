@@ -66,7 +66,6 @@ BLUR_IG_START = "blurred"
 STRAIGHT_PATH_OPTIONS = ("baseline", "baseline_sigma", "baseline_image", "baselines", "seed", "noise_samples", "noise_stdev", "noise_aggregation")
 BLUR_IG_OPTIONS = ("max_sigma", "grad_step")
 GUIDED_IG_OPTIONS = ("fraction", "max_dist")
-QUADRATURE_OPTIONS = ("tolerance", "max_steps", "method")
 
 
 @dataclass(frozen=True)
@@ -209,10 +208,17 @@ class ExplanationSpec:
 
 
 def guided_steps(options: dict[str, Any], settings: AttributionSettings, paths: PathSetSpec) -> GuidedSpec:
-    """Guided IG's steps: `n_steps` (or the archive's default n_steps) gradients, each deciding the next point."""
-    stray = sorted(name for name in QUADRATURE_OPTIONS if name in options)
-    if stray:
-        raise RequestError(f"option(s) {stray} choose a quadrature; Guided IG takes 'n_steps' steps, each decided by the gradient before it")
+    """Guided IG's steps: `n_steps` (or the archive's default n_steps), or with `tolerance` (or the archive's
+    default tolerance, where n_steps is not sent) paths of 16, 32, ... steps up to max_steps until one meets it."""
+    if "method" in options:
+        raise RequestError("option 'method' chooses a quadrature; Guided IG takes steps of 1/n of the L1 distance, each decided by the gradient before it")
+    if "tolerance" in options and "n_steps" in options:
+        raise RequestError("'tolerance' runs Guided IG paths of 16, 32, 64, ... steps until one meets it; it cannot be combined with 'n_steps': send one or the other")
+    tolerance = options.get("tolerance", None if "n_steps" in options else settings.tolerance)
+    if tolerance is None and "max_steps" in options:
+        raise RequestError("option 'max_steps' bounds a tolerance-driven explanation; send a 'tolerance' with it, or 'n_steps' alone")
+    if tolerance is not None:
+        return GuidedSpec(fraction=paths.fraction, max_dist=paths.max_dist, tolerance=tolerance, max_steps=option_or_default(options, "max_steps", settings))
     return GuidedSpec(option_or_default(options, "n_steps", settings), paths.fraction, paths.max_dist)
 
 

@@ -20,7 +20,6 @@ from ..attribution.engine import integrate_paths
 from ..attribution.path_sets import combine_paths
 from ..attribution.scale_space import BlurPath
 from ..attribution.xrai import xrai
-from ..attribution.quadrature import ADAPTIVE_MIN_STEPS, RuleSpec
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
 from ..formats.encode import encode_error, encode_gzip_torch, encode_json, encode_npz, encode_png
@@ -97,9 +96,8 @@ class AttributionService:
         pixel_maps = (spec.hierarchy_superpixels is not None) + 2 * spec.xrai
         if spec.rule.adaptive and "max_steps" not in options:  # the server's default must not fail a request: lower it to fit
             fitting = steps_that_fit(plan, model_input, spec.keep_path, reply_type, self.settings.max_response_bytes, pixel_maps, spec.paths.count)
-            if ADAPTIVE_MIN_STEPS <= fitting < spec.rule.max_steps:
-                rule = RuleSpec(tolerance=spec.rule.tolerance, max_steps=fitting)
-                spec = dataclasses.replace(spec, rule=rule, default_max_steps=spec.rule.max_steps)
+            if spec.rule.least_max_steps <= fitting < spec.rule.max_steps:
+                spec = dataclasses.replace(spec, rule=dataclasses.replace(spec.rule, max_steps=fitting), default_max_steps=spec.rule.max_steps)
                 log.info("request %s: the default max_steps %d lowered to %d, which fits the response limit", request_id, spec.default_max_steps, fitting)
         refuse_oversize_explanation(
             plan, model_input, spec.rule.most_steps, spec.keep_path, reply_type, self.settings.max_response_bytes, seed_keys is not None,
