@@ -86,27 +86,24 @@ class GuidedPath:
         alpha_min, alpha_max = max(alpha - spec.max_dist, 0.0), min(alpha + spec.max_dist, 1.0)
         lowest, highest = self.along(alpha_min), self.along(alpha_max)
         target = self.total_distance * (1 - step / self.n_steps)
-        ranked = gradient.clone()
-        point = self.point
+        ranked, point = gradient, self.point
+        moving = self.difference != 0
         while True:
-            before = point.clone()
-            position = torch.where(self.difference != 0, (point - self.baseline) / self.difference, torch.full_like(point, alpha_max))
-            behind = position < alpha_min
-            point[behind] = lowest[behind]
+            before = point
+            position = torch.where(moving, (point - self.baseline) / self.difference, alpha_max)
+            point = torch.where(position < alpha_min, lowest, point)
             distance = float((point - self.inputs).abs().sum())
             if math.isclose(target, distance, rel_tol=CLOSENESS, abs_tol=CLOSENESS):
                 self.attribution += (point - before) * gradient
-                return
-            ranked[point == highest] = torch.inf
-            magnitude = ranked.abs().reshape(-1)
-            threshold = torch.kthvalue(magnitude, int(math.floor((magnitude.numel() - 1) * spec.fraction)) + 1).values
-            selected = (ranked.abs() <= threshold) & (ranked != torch.inf)
+                break
+            ranked = ranked.masked_fill(point == highest, torch.inf)
+            magnitude = ranked.abs()
+            threshold = torch.kthvalue(magnitude.reshape(-1), int(math.floor((magnitude.numel() - 1) * spec.fraction)) + 1).values
+            selected = (magnitude <= threshold) & (ranked != torch.inf)
             movable = float(((point - highest).abs() * selected).sum())
             share = (distance - target) / movable if movable > 0 else math.inf
-            if share > 1.0:
-                point[selected] = highest[selected]
-            else:
-                point[selected] = (point + (highest - point) * share)[selected]
+            point = torch.where(selected, highest if share > 1.0 else point + (highest - point) * share, point)
             self.attribution += (point - before) * gradient
             if share <= 1.0:
-                return
+                break
+        self.point = point
