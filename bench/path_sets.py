@@ -109,9 +109,6 @@ def timings(model_name: str, workdir: Path, repeats: int, budget_s: float) -> No
     import torch
     from captum.attr import IntegratedGradients, NoiseTunnel
 
-    quantile = np.quantile  # saliency 0.2.1's GuidedIG passes NumPy 1's `interpolation`, which NumPy 2 calls `method`
-    np.quantile = lambda values, q, interpolation="linear": quantile(values, q, method=interpolation)
-
     from vision_attribution.attribution.quadrature import path_coefficients
 
     adapter, model_input, plan = setup(model_name, workdir)
@@ -215,6 +212,8 @@ def main():
         return
     import torch
 
+    quantile = np.quantile  # saliency 0.2.1's GuidedIG passes NumPy 1's `interpolation`, which NumPy 2 calls `method`
+    np.quantile = lambda values, q, interpolation="linear": quantile(values, q, method=interpolation)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     with tempfile.TemporaryDirectory(prefix="path-sets-") as folder:
         for model_name in args.models:
