@@ -102,6 +102,8 @@ def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_
 
 
 def xrai(attribution: torch.Tensor, inputs: torch.Tensor) -> XraiRegions:
-    """XRAI regions of an attribution (1, C, h, w) over the model input inputs (1, C, h, w) it explains."""
-    image = inputs[0].permute(1, 2, 0).double().cpu().numpy()
+    """XRAI regions of an attribution (1, C, h, w) over the model input inputs (1, C, h, w) it explains. The regions
+    are segments of the colour channels, the first three (dextr's fourth, its points' heatmap, is not image content);
+    the attribution per pixel is the maximum over all channels."""
+    image = inputs[0, :3].permute(1, 2, 0).double().cpu().numpy()
     return rank_regions(attribution[0].double().amax(0).cpu(), candidate_regions(image))
