@@ -2,7 +2,9 @@
 import base64
 import io
 import json
+import os
 import re
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +16,8 @@ from skimage import data as photos
 
 from replies import SEED_JSON, read_reply
 from shared_torchserve import LANET_RESPONSE_LIMIT
-from torchserve_harness import build_archive, jpeg_bytes, shipped_model_config
+from torchserve_harness import REPO, build_archive, jpeg_bytes, shipped_model_config
+from vision_attribution.clients.cli import load_reply
 from vision_attribution.networks.bit import ResNetV2
 from vision_attribution.attribution.quadrature import path_coefficients
 
@@ -104,6 +107,17 @@ def test_effnet_guided_ig_and_blur_ig_as_json_requests(server):
         assert document["attribution"] == described and document["n_steps"] == options["n_steps"]
         change = document["target_at_input"] - document["target_at_baseline"]
         assert document["convergence_delta"] == pytest.approx(change - float(document["integrated_grads"].double().sum()), abs=1e-3)
+
+
+def test_the_readmes_expected_gradients_curl_line_as_written(server, tmp_path):
+    """The README's line with only TorchServe's address changed, its token in $TOKEN as the README sets it."""
+    (line,) = [line for line in (REPO / "README.md").read_text().splitlines() if "baselines=8" in line]
+    command = line.split("`")[1].replace("http://127.0.0.1:8080", server.inference)
+    (tmp_path / "photo.jpg").write_bytes(jpeg_bytes(photos.coffee()))
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True, timeout=600, env={**os.environ, "TOKEN": server.keys["inference"]["key"]})
+    reply = load_reply(tmp_path / "eg.gz")
+    assert reply["attribution"] == {"method": "expected_gradients", "baseline": "uniform", "baselines": 8, "seed": 0}
+    assert reply["integrated_grads_std"].shape == (1, 3, 224, 224) and len(reply["paths"]) == 8 and reply["n_steps"] == 16
 
 
 def test_npz_reply_by_accept_header(server):
