@@ -227,8 +227,8 @@ def test_every_reply_type_reads_back_with_plain_readers_and_the_client(services,
 
 
 PATH_METHODS = [
-    ({"baseline": "uniform", "baselines": 2}, "expected_gradients"),
-    ({"noise_samples": 2, "baseline": "white"}, "smoothgrad"),
+    ({"baseline": "uniform", "baselines": 2, "idg_hierarchy": 6}, "expected_gradients"),
+    ({"noise_samples": 2, "baseline": "white", "tolerance": 0.5, "max_steps": 21}, "smoothgrad"),
     ({"attribution_method": "blur_ig", "max_sigma": 6}, "blur_ig"),
     ({"attribution_method": "guided_ig", "baseline": "blur"}, "guided_ig"),
     ({"xrai": "true", "baseline": "mean"}, "integrated_gradients"),
@@ -238,10 +238,14 @@ PATH_METHODS = [
 @pytest.mark.parametrize("archive", ["effnet", "selfie", "bit", "lanet", "tensormask", "swin", "dextr", "deeplab"])
 def test_every_archive_explains_with_every_path_method(services, archive):
     """Classifiers, semantic segmenters, instance detectors and dextr take the same path options, and each reply
-    says how it was made and adds up: convergence_delta = F(x) - F(x') - sum(IG), over several paths as means."""
+    says how it was made and adds up: convergence_delta = F(x) - F(x') - sum(IG), over several paths as means; the
+    IDG hierarchy comes with expected gradients, and a tolerance applies to each of SmoothGrad's paths."""
     service = services[archive]
     for options, method in PATH_METHODS:
-        reply = serve(service, photo_fields(archive, n_steps=STEPS.get(archive, 2), return_path="false", **options), explain=True)
+        if "tolerance" in options and archive in STEPS:
+            continue  # a tolerance takes at least 21 steps a path: not on the slow networks
+        steps = {} if "tolerance" in options else {"n_steps": STEPS.get(archive, 2)}
+        reply = serve(service, photo_fields(archive, return_path="false", **steps, **options), explain=True)
         assert reply.status == 200, (options, reply.body)
         document = read_reply(reply.body)
         assert document["attribution"]["method"] == method, document["attribution"]
@@ -250,6 +254,11 @@ def test_every_archive_explains_with_every_path_method(services, archive):
         assert document["convergence_delta"] == pytest.approx(change - total, abs=1e-4 * max(1.0, abs(change), abs(total))), options
         if "xrai" in options:
             assert int(document["xrai"]["ranks"].max()) == len(document["xrai"]["gains"])
+        if "idg_hierarchy" in options:
+            tree = document["idg_hierarchy"]
+            assert float(tree["dividend"].sum()) == pytest.approx(1.0) and float(tree["value"][0]) == pytest.approx(1.0)
+        if "tolerance" in options:
+            assert document["refinement"]["max_steps"] == 21 and len(document["paths"]) == 2
 
 
 # 3, 4. Oversize replies: refused before any work, with hints a seed client can use; return_path honoured --------
