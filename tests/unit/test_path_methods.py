@@ -19,6 +19,9 @@ Choices that differ from the references, and how the comparisons bridge them:
   engine evaluates F at the two ends first (for the convergence delta, which PAIR does not report) and then brings one
   point per chunk. Its selection arithmetic is compared in float64, where equal gradients give equal choices; in float32
   a feature whose |gradient| ties the threshold within rounding could be moved by one and not the other.
+- PAIR's IntegratedGradients takes n points at alpha = linspace(0, 1, n), the nodes of the engine's riemann_trapezoid
+  rule, but weights each by 1/n (not the trapezoid's h/2, h, ..., h, h/2) and sums the gradients in float32: the
+  comparison takes the engine's path gradients at those nodes (return_path) with PAIR's weights.
 - XRAI is compared on its regions: PAIR's XRAI (full algorithm) is given the same attribution as its
   base_attribution and the same input, and must return the same ranked region map and per-pixel gains.
 - GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
@@ -162,6 +165,19 @@ def pair_model_function(scalar, dtype=torch.float64):
         return {pair.INPUT_OUTPUT_GRADIENTS: gradients.permute(0, 2, 3, 1).numpy()}
 
     return call
+
+
+def test_path_gradients_equal_pair_saliency_integrated_gradients():
+    model = small_classifier()
+    x, baseline = torch.rand(1, 3, 16, 16, dtype=torch.float64), torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    scalar = lambda points: model(points)[:, 4]  # noqa: E731
+    problem = PathProblem(PathTarget.of(scalar), x, baseline, RuleSpec("riemann_trapezoid", 10), 4, keep_path=True)
+    ours = integrate_paths([problem])[0]
+    assert torch.allclose(ours.alphas, torch.from_numpy(np.linspace(0, 1, 10)), rtol=0, atol=1e-15)
+    with_pair_weights = ((x - baseline)[0] * ours.path_gradients.double().mean(0)).permute(1, 2, 0)
+    image, start = x[0].permute(1, 2, 0).numpy(), baseline[0].permute(1, 2, 0).numpy()
+    theirs = pair.IntegratedGradients().GetMask(image, pair_model_function(scalar), x_baseline=start, x_steps=10, batch_size=4)
+    assert relative_error(with_pair_weights, torch.from_numpy(theirs)) < 1e-6
 
 
 def blur_ig(scalar, x: torch.Tensor, max_sigma: float, steps: int, batch: int = 4):
