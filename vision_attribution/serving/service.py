@@ -16,9 +16,10 @@ from PIL import Image
 
 from ..adapters.base import ModelAdapter, ModelInput
 from ..attribution.baselines import UPLOADED_BASELINE, draw_baselines, noisy_inputs
-from ..attribution.engine import integrate_paths
+from ..attribution.engine import integrate_paths, path_state_bytes
 from ..attribution.path_sets import combine_paths
 from ..attribution.scale_space import BlurPath
+from ..attribution.guided_path import GuidedSpec
 from ..attribution.xrai import xrai
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
@@ -104,8 +105,25 @@ class AttributionService:
             "threshold" in adapter.options, pixel_maps=pixel_maps,
             steps_option="max_steps" if spec.rule.adaptive else "n_steps", paths=spec.paths.count,
         )
+        self._refuse_oversize_paths(spec, model_input)
         path_inputs, path_baselines = self._path_ends(model_input, spec.paths, options)
         return ExplanationJob(request_id, protocol, reply_type, options, model_input, spec, plan, path_inputs, path_baselines, seed_keys)
+
+    def _refuse_oversize_paths(self, spec: ExplanationSpec, model_input: ModelInput) -> None:
+        """413 before any work when the paths' own state (accumulators, ends; Guided IG's float64 path) would pass the
+        archive's max_path_state_bytes: on Linux a worker over its memory is killed rather than told."""
+        guided, limit = isinstance(spec.rule, GuidedSpec), self.settings.limits.max_path_state_bytes
+        state = path_state_bytes(model_input.tensor, spec.paths.count, guided)
+        if state <= limit:
+            return
+        fitting = max(count for count in range(spec.paths.count + 1) if count == 0 or path_state_bytes(model_input.tensor, count, guided) <= limit)
+        raise RequestError(
+            f"the {spec.paths.count} paths of this explanation would hold about {state / 2**30:.2f} GiB beside their chunks "
+            f"({'Guided IG, float64 ' if guided else ''}state over a {'x'.join(map(str, model_input.tensor.shape[1:]))} input), over this "
+            f"archive's max_path_state_bytes of {limit / 2**30:.2f} GiB; "
+            + (f"{fitting} path(s) fit, or a smaller image" if fitting else "send a smaller image"),
+            status=413,
+        )
 
     def _path_ends(self, model_input: ModelInput, paths: PathSetSpec, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the explanation's K paths end and start, (K, C, h, w) each; random draws from one generator seeded

@@ -47,6 +47,7 @@ class Limits:
     max_internal_batch_size: int = 512
     max_image_pixels: int = 36_000_000
     max_paths: int = 64
+    max_path_state_bytes: int = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ ATTRIBUTION_SETTINGS: dict[str, Setting] = {
     "max_internal_batch_size": Setting(values.integer(1, 100_000), 512, "largest internal_batch_size a request may ask for"),
     "max_image_pixels": Setting(values.integer(1), 36_000_000, "largest image (width x height) a request may send"),
     "max_paths": Setting(values.integer(1, 4096), 64, "most paths (baselines or noise samples) of one explanation"),
+    "max_path_state_bytes": Setting(values.integer(1), 2 * 2**30, "most memory the paths of one explanation may hold beside their chunks"),
 }
 
 
