@@ -11,6 +11,7 @@ the input rescaled to [-1, 1] and resized to 224 x 224 (cubic, anti-aliased) for
 sigma 0.8, segments of at least 150 pixels, resized back (nearest) and dilated by a disk of radius 5; the attribution
 per pixel is the maximum over channels.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ SMOOTHING_SIGMA = 0.8
 MIN_SEGMENT_SIZE = 150
 DILATION_RADIUS = 5
 MIN_PIXEL_DIFF = 50
+CHUNK = 32
+"""Candidates dilated and summed at a time (the memory of a few float copies of 32 masks)."""
 
 
 @dataclass
@@ -56,13 +59,28 @@ def candidate_regions(image: np.ndarray) -> torch.Tensor:
     return dilate(torch.cat(masks), DILATION_RADIUS)
 
 
-def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+def dilate(masks: torch.Tensor, radius: int, chunk: int = CHUNK) -> torch.Tensor:
     """(M, h, w) bool dilated by a disk of `radius` (skimage.morphology.disk: x^2 + y^2 <= radius^2), nothing
-    outside the image."""
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    disk = ((offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2) <= radius**2).float()
-    hits = F.conv2d(masks.float().unsqueeze(1), disk.view(1, 1, *disk.shape), padding=radius)
-    return hits[:, 0] > 0.5
+    outside the image: for each row offset dy, a horizontal max over |dx| <= isqrt(radius^2 - dy^2), shifted by dy;
+    `chunk` masks at a time, so that memory stays a few copies of `chunk` masks at any resolution."""
+    height = masks.shape[1]
+    dilated = torch.zeros_like(masks)
+    for start in range(0, len(masks), chunk):
+        block = masks[start : start + chunk].float().unsqueeze(1)
+        result = dilated[start : start + chunk]
+        for dy in range(-radius, radius + 1):
+            half = math.isqrt(radius**2 - dy**2)
+            rows = F.max_pool2d(block, (1, 2 * half + 1), stride=1, padding=(0, half))[:, 0] > 0.5
+            if dy >= 0:
+                result[:, : height - dy] |= rows[:, dy:]
+            else:
+                result[:, -dy:] |= rows[:, : height + dy]
+    return dilated
+
+
+def _row_sums(pool: torch.Tensor, values: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """(M,) float64 sums of `values` (P,) over each row of the bool (M, P) `pool`, `chunk` rows at a time."""
+    return torch.cat([pool[start : start + chunk].double() @ values for start in range(0, len(pool), chunk)]) if len(pool) else values.new_zeros(0)
 
 
 def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_diff: int = MIN_PIXEL_DIFF) -> XraiRegions:
@@ -72,7 +90,7 @@ def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_
     height, width = attribution.shape
     values = attribution.reshape(-1).double()
     pool = candidates.reshape(len(candidates), -1)
-    counts, sums = pool.sum(1), pool.double() @ values
+    counts, sums = pool.sum(1), _row_sums(pool, values)
     remaining = torch.ones(len(pool), dtype=torch.bool)
     chosen = torch.zeros(height * width, dtype=torch.bool)
     added: list[tuple[torch.Tensor, float]] = []
@@ -86,7 +104,7 @@ def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_
         added.append((new_pixels, float(gains[best])))
         covered = new_pixels.nonzero().squeeze(1)
         newly = pool[:, covered]
-        counts, sums = counts - newly.sum(1), sums - newly.double() @ values[covered]
+        counts, sums = counts - newly.sum(1), sums - _row_sums(newly, values[covered])
         chosen |= new_pixels
         remaining[best] = False
     regions = [mask for mask, _ in sorted(added, key=lambda item: -item[1])]
