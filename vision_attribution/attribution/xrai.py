@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage.segmentation import felzenszwalb
 from skimage.transform import resize
 
@@ -61,16 +60,20 @@ def candidate_regions(image: np.ndarray) -> torch.Tensor:
 
 def dilate(masks: torch.Tensor, radius: int, chunk: int = CHUNK) -> torch.Tensor:
     """(M, h, w) bool dilated by a disk of `radius` (skimage.morphology.disk: x^2 + y^2 <= radius^2), nothing
-    outside the image: for each row offset dy, a horizontal max over |dx| <= isqrt(radius^2 - dy^2), shifted by dy;
-    `chunk` masks at a time, so that memory stays a few copies of `chunk` masks at any resolution."""
-    height = masks.shape[1]
+    outside the image: the horizontal dilations by half-widths 0 .. radius (each one more shifted OR than the last),
+    then for each row offset dy the one of half-width isqrt(radius^2 - dy^2), shifted by dy; `chunk` masks at a time."""
+    height, width = masks.shape[1:]
     dilated = torch.zeros_like(masks)
     for start in range(0, len(masks), chunk):
-        block = masks[start : start + chunk].float().unsqueeze(1)
-        result = dilated[start : start + chunk]
+        block, result = masks[start : start + chunk], dilated[start : start + chunk]
+        horizontal = [block]
+        for half in range(1, radius + 1):
+            wider = horizontal[-1].clone()
+            wider[:, :, half:] |= block[:, :, : width - half]
+            wider[:, :, : width - half] |= block[:, :, half:]
+            horizontal.append(wider)
         for dy in range(-radius, radius + 1):
-            half = math.isqrt(radius**2 - dy**2)
-            rows = F.max_pool2d(block, (1, 2 * half + 1), stride=1, padding=(0, half))[:, 0] > 0.5
+            rows = horizontal[math.isqrt(radius**2 - dy**2)]
             if dy >= 0:
                 result[:, : height - dy] |= rows[:, dy:]
             else:
