@@ -21,13 +21,16 @@ Choices that differ from the references, and how the comparisons bridge them:
   a feature whose |gradient| ties the threshold within rounding could be moved by one and not the other.
 - PAIR's IntegratedGradients takes n points at alpha = linspace(0, 1, n), the nodes of the engine's riemann_trapezoid
   rule, but weights each by 1/n (not the trapezoid's h/2, h, ..., h, h/2) and sums the gradients in float32: the
-  comparison takes the engine's path gradients at those nodes (return_path) with PAIR's weights.
+  comparison takes the engine's path gradients at those nodes (return_path) with PAIR's weights. PAIR's SmoothGrad
+  draws its noise from numpy's global generator, one np.random.normal(0, s, (H, W, C)) per sample: the comparison
+  draws the same normals from the same seed and gives them to the engine as its noisy inputs.
 - XRAI is compared on its regions: PAIR's XRAI (full algorithm) is given the same attribution as its
   base_attribution and the same input, and must return the same ranked region map and per-pixel gains.
 - GradientShap samples one random alpha per baseline; the engine integrates each baseline's path by quadrature, so
   expected gradients are compared with Captum's IntegratedGradients per baseline rather than with GradientShap.
 """
 import base64
+import dataclasses
 import io
 import json
 
@@ -43,7 +46,7 @@ from skimage import data as photos
 from replies import read_reply
 from test_engine import small_classifier
 from vision_attribution.adapters.classifier import ClassifierAdapter
-from vision_attribution.attribution.baselines import ValueScale, draw_baselines, gaussian_blur, noisy_inputs
+from vision_attribution.attribution.baselines import ValueScale, absolute_noise_stdev, draw_baselines, gaussian_blur, noisy_inputs
 from vision_attribution.attribution.engine import PathProblem, PathTarget, integrate_paths
 from vision_attribution.attribution.guided_path import GuidedSpec
 from vision_attribution.attribution.path_sets import AGGREGATIONS, combine_paths
@@ -180,6 +183,26 @@ def test_path_gradients_equal_pair_saliency_integrated_gradients():
     image, start = x[0].permute(1, 2, 0).numpy(), baseline[0].permute(1, 2, 0).numpy()
     theirs = pair.IntegratedGradients().GetMask(image, pair_model_function(scalar), x_baseline=start, x_steps=10, batch_size=4)
     assert relative_error(with_pair_weights, torch.from_numpy(theirs)) < 1e-6
+
+
+@pytest.mark.parametrize("aggregation, magnitude", [("smoothgrad", False), ("smoothgrad_sq", True)])
+def test_smoothgrad_equals_pair_saliency_smoothed_integrated_gradients(aggregation, magnitude):
+    model = small_classifier()
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    scalar = lambda points: model(points)[:, 1]  # noqa: E731
+    image = x[0].permute(1, 2, 0).numpy()
+    stdev = absolute_noise_stdev(x, 0.15)
+    assert stdev == pytest.approx(0.15 * (image.max() - image.min()), rel=1e-15)  # PAIR's stdev_spread, the same definition
+    np.random.seed(7)
+    noises = [np.random.normal(0, stdev, image.shape) for _ in range(3)]
+    noisy = torch.stack([x[0] + torch.from_numpy(noise).permute(2, 0, 1) for noise in noises])
+    problems = [PathProblem(PathTarget.of(scalar), noisy[k : k + 1], torch.zeros_like(x), RuleSpec("riemann_trapezoid", 6), 4, keep_path=True) for k in range(3)]
+    paths = [dataclasses.replace(path, integrated_grads=noisy[k : k + 1] * path.path_gradients.double().mean(0)) for k, path in enumerate(integrate_paths(problems))]
+    ours = combine_paths(paths, aggregation).attribution  # each path with PAIR's 1/n weights (see above)
+    np.random.seed(7)
+    theirs = pair.IntegratedGradients().GetSmoothedMask(
+        image, pair_model_function(scalar), stdev_spread=0.15, nsamples=3, magnitude=magnitude, x_steps=6, x_baseline=np.zeros_like(image), batch_size=4)
+    assert relative_error(ours[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-6
 
 
 def blur_ig(scalar, x: torch.Tensor, max_sigma: float, steps: int, batch: int = 4):
