@@ -514,6 +514,16 @@ def test_paths_whose_state_would_pass_the_archives_limit_are_refused_before_any_
     assert explain(small, {"baseline": "uniform", "baselines": 4}).status == 200
 
 
+def test_xrai_whose_candidates_would_pass_the_archives_limit_is_refused_before_any_gradient(segmenter, monkeypatch):
+    """Its over-segmentations come first (at 224 x 224, whatever the input); about 3 bool copies of each candidate."""
+    small = AttributionService(segmenter.adapter, read_model_config({"attribution": {"n_steps": 4, "max_path_state_bytes": 300_000}}, {})[0])
+    monkeypatch.setattr(service_module, "integrate_paths", lambda problems: pytest.fail("the engine ran"))
+    refused = explain(small, {"xrai": True})
+    assert refused.status == 413 and "XRAI's candidate regions over this 48x48 input would hold about" in json.loads(refused.body)["error"]
+    monkeypatch.undo()
+    assert explain(small, {"n_steps": 2}).status == 200
+
+
 def test_a_seed_request_with_several_paths_is_told_to_drop_the_path_tensors():
     """The classifier seeds' reply always carries the path tensors, which are one path's."""
     adapter = ClassifierAdapter(small_classifier(torch.float32), [f"class {k}" for k in range(5)], (16, 16), MEAN, STD, CPU)

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from ..adapters.base import ExplanationPlan, ModelInput
@@ -269,6 +270,7 @@ class ExplanationJob(Job):
     path_inputs: torch.Tensor  # (K, C, h, w): where each path ends (the input, or SmoothGrad's noisy inputs)
     path_baselines: torch.Tensor  # (K, C, h, w): where each path starts
     seed_keys: Optional[tuple[str, ...]]  # the seed reply's keys where the reply is the seed's
+    xrai_segmentations: Optional[list[np.ndarray]] = None  # XRAI's over-segmentations of the input, where it asks for XRAI
 
     def path_problems(self) -> list[PathProblem]:
         """One problem per path, k = 0 .. K - 1."""

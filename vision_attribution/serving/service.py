@@ -20,7 +20,7 @@ from ..attribution.engine import integrate_paths, path_state_bytes
 from ..attribution.path_sets import combine_paths
 from ..attribution.scale_space import BlurPath
 from ..attribution.guided_path import GuidedSpec
-from ..attribution.xrai import xrai
+from ..attribution.xrai import candidate_bytes, over_segmentations, xrai
 from ..attribution.idg_hierarchy import segment_hierarchy, superpixel_image_of
 from ..formats import kserve_v2, replies
 from ..formats.encode import encode_error, encode_gzip_torch, encode_json, encode_npz, encode_png
@@ -106,8 +106,23 @@ class AttributionService:
             steps_option="max_steps" if spec.rule.adaptive else "n_steps", paths=spec.paths.count,
         )
         self._refuse_oversize_paths(spec, model_input)
+        segmentations = self._xrai_segmentations(model_input) if spec.xrai else None
         path_inputs, path_baselines = self._path_ends(model_input, spec.paths, options)
-        return ExplanationJob(request_id, protocol, reply_type, options, model_input, spec, plan, path_inputs, path_baselines, seed_keys)
+        return ExplanationJob(request_id, protocol, reply_type, options, model_input, spec, plan, path_inputs, path_baselines, seed_keys, segmentations)
+
+    def _xrai_segmentations(self, model_input: ModelInput) -> list[np.ndarray]:
+        """XRAI's over-segmentations of the input (0.3 s), made first so that a 413 for its candidates' memory comes
+        before any gradient."""
+        segmentations, limit = over_segmentations(model_input.tensor), self.settings.limits.max_path_state_bytes
+        size = tuple(model_input.tensor.shape[2:])
+        needed = candidate_bytes(segmentations, size)
+        if needed > limit:
+            raise RequestError(
+                f"XRAI's candidate regions over this {size[0]}x{size[1]} input would hold about {needed / 2**30:.2f} GiB, over this "
+                f"archive's max_path_state_bytes of {limit / 2**30:.2f} GiB; send a smaller image or leave 'xrai' out",
+                status=413,
+            )
+        return segmentations
 
     def _refuse_oversize_paths(self, spec: ExplanationSpec, model_input: ModelInput) -> None:
         """413 before any work when the paths' own state (accumulators, ends; Guided IG's float64 path) would pass the
@@ -204,7 +219,7 @@ class AttributionService:
         attribution = paths[0].integrated_grads if combined is None else combined.attribution
         difference = (job.path_inputs - job.path_baselines).mean(0, keepdim=True)
         if spec.xrai:
-            document["xrai"] = xrai_document(xrai(attribution, job.model_input.tensor), attribution, difference)
+            document["xrai"] = xrai_document(xrai(attribution, job.model_input.tensor, job.xrai_segmentations), attribution, difference)
         if spec.hierarchy_superpixels is not None:
             document["idg_hierarchy"] = segment_hierarchy(
                 attribution, difference,
