@@ -240,17 +240,21 @@ def test_effnet_real_weights_blur_ig_equals_pair_saliency():
     assert relative_error(ours.integrated_grads[0].permute(1, 2, 0), torch.from_numpy(theirs)) < 1e-4
 
 
+@pytest.fixture
+def numpy2_quantile(monkeypatch):
+    """saliency 0.2.1's GuidedIG calls np.quantile(..., interpolation='lower'), a keyword NumPy 2 renamed to `method`:
+    passed on under its new name."""
+    quantile = np.quantile
+    monkeypatch.setattr(np, "quantile", lambda values, q, interpolation="linear": quantile(values, q, method=interpolation))
+
+
 def guided_ig(scalar, x: torch.Tensor, baseline: torch.Tensor, steps: int, fraction: float, max_dist: float, keep_path: bool = False):
     problem = PathProblem(PathTarget.of(scalar), x, baseline, GuidedSpec(steps, fraction, max_dist), 4, keep_path=keep_path)
     return integrate_paths([problem])[0]
 
 
 @pytest.mark.parametrize("fraction, max_dist", [(0.25, 0.02), (0.1, 0.1), (1.0, 0.0)])
-def test_guided_ig_equals_pair_saliency_guided_ig(fraction, max_dist, monkeypatch):
-    """saliency 0.2.1 calls np.quantile(..., interpolation='lower'), a keyword NumPy 2 renamed to `method`: the test
-    passes it on under its new name."""
-    quantile = np.quantile
-    monkeypatch.setattr(np, "quantile", lambda values, q, interpolation="linear": quantile(values, q, method=interpolation))
+def test_guided_ig_equals_pair_saliency_guided_ig(fraction, max_dist, numpy2_quantile):
     model = small_classifier()
     x, baseline = torch.rand(1, 3, 16, 16, dtype=torch.float64), torch.rand(1, 3, 16, 16, dtype=torch.float64) * 0.2
     scalar = lambda points: model(points)[:, 1]  # noqa: E731
@@ -266,12 +270,10 @@ def test_guided_ig_equals_pair_saliency_guided_ig(fraction, max_dist, monkeypatc
 
 
 @pytest.mark.slow
-def test_effnet_real_weights_guided_ig_equals_pair_saliency(monkeypatch):
+def test_effnet_real_weights_guided_ig_equals_pair_saliency(numpy2_quantile):
     """float32 on EfficientNet-lite0 from a uniform baseline, 16 steps: the engine casts its float64 point to float32
     for each gradient, so PAIR is given the input and baseline in float64 and its model function casts the points to
     float32, in the engine's channels-last layout; the gradients are then the same and so are the choices."""
-    quantile = np.quantile
-    monkeypatch.setattr(np, "quantile", lambda values, q, interpolation="linear": quantile(values, q, method=interpolation))
     model = load_efficientnet_lite0(packaged_weights())
     adapter = ClassifierAdapter(model, imagenet_classes(), INPUT_SIZE, MEAN, STD, CPU, resize_mode="center_crop")
     x = adapter.prepare(photos.coffee(), {}).tensor

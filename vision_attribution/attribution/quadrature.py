@@ -11,10 +11,9 @@ round. The engine owns the gradient tensors, so a rule's memory is a few numbers
                 completeness error, known exactly from F at its ends, is largest, until the completeness error
                 of the whole path meets a tolerance.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
-
-import functools
 
 import numpy as np
 import torch

@@ -91,15 +91,10 @@ def dilate(masks: torch.Tensor, radius: int, chunk: int = CHUNK) -> torch.Tensor
     return dilated
 
 
-def _row_sums(pool: torch.Tensor, values: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """(M,) float64 sums of `values` (P,) over each row of the bool (M, P) `pool`, `chunk` rows at a time."""
-    return torch.cat([pool[start : start + chunk].double() @ values for start in range(0, len(pool), chunk)]) if len(pool) else values.new_zeros(0)
-
-
-def _row_counts(pool: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """(M,) int64 true values in each row of the bool (M, P) `pool`, `chunk` rows at a time (a bool sum makes an
-    int64 copy of what it sums)."""
-    return torch.cat([pool[start : start + chunk].sum(1) for start in range(0, len(pool), chunk)]) if len(pool) else torch.zeros(0, dtype=torch.int64)
+def _by_rows(pool: torch.Tensor, reduce, chunk: int = CHUNK) -> torch.Tensor:
+    """reduce (b, P) -> (b,) over the bool (M, P) `pool`, `chunk` rows at a time: (M,). (A bool sum or a float64
+    matrix product of all M rows at once makes an int64 or float64 copy of the whole pool.)"""
+    return torch.cat([reduce(pool[start : start + chunk]) for start in range(0, len(pool), chunk)])
 
 
 def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_diff: int = MIN_PIXEL_DIFF) -> XraiRegions:
@@ -109,7 +104,7 @@ def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_
     height, width = attribution.shape
     values = attribution.reshape(-1).double()
     pool = candidates.reshape(len(candidates), -1)
-    counts, sums = _row_counts(pool), _row_sums(pool, values)
+    counts, sums = _by_rows(pool, lambda rows: rows.sum(1)), _by_rows(pool, lambda rows: rows.double() @ values)
     remaining = torch.ones(len(pool), dtype=torch.bool)
     chosen = torch.zeros(height * width, dtype=torch.bool)
     added: list[tuple[torch.Tensor, float]] = []
@@ -123,7 +118,8 @@ def rank_regions(attribution: torch.Tensor, candidates: torch.Tensor, min_pixel_
         added.append((new_pixels, float(gains[best])))
         covered = new_pixels.nonzero().squeeze(1)
         newly = pool[:, covered]
-        counts, sums = counts - _row_counts(newly), sums - _row_sums(newly, values[covered])
+        newly_values = values[covered]
+        counts, sums = counts - _by_rows(newly, lambda rows: rows.sum(1)), sums - _by_rows(newly, lambda rows: rows.double() @ newly_values)
         chosen |= new_pixels
         remaining[best] = False
     regions = [mask for mask, _ in sorted(added, key=lambda item: -item[1])]

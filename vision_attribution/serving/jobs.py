@@ -131,15 +131,14 @@ class PathSetSpec:
     def resolve(cls, options: dict[str, Any], settings: AttributionSettings) -> "PathSetSpec":
         """The request's paths; options that do not apply to what it asks for are a 400 rather than ignored."""
         method = options.get("attribution_method")
-        if method == BLUR_IG:
-            stray = sorted(name for name in STRAIGHT_PATH_OPTIONS if name in options)
-            if stray:
-                raise RequestError(f"option(s) {stray} shape straight paths; Blur IG's path starts at the blurred input (its 'max_sigma')")
         for named, owned in ((BLUR_IG, BLUR_IG_OPTIONS), (GUIDED_IG, GUIDED_IG_OPTIONS)):
             stray = sorted(name for name in owned if name in options)
             if stray and method != named:
                 raise RequestError(f"option(s) {stray} shape {'Blur' if named == BLUR_IG else 'Guided'} IG's path; send \"attribution_method\": \"{named}\" with them")
         if method == BLUR_IG:
+            stray = sorted(name for name in STRAIGHT_PATH_OPTIONS if name in options)
+            if stray:
+                raise RequestError(f"option(s) {stray} shape straight paths; Blur IG's path starts at the blurred input (its 'max_sigma')")
             return cls(BLUR_IG_START, blur_ig=True, max_sigma=options.get("max_sigma", DEFAULT_MAX_SIGMA), grad_step=options.get("grad_step", DEFAULT_GRAD_STEP))
         uploaded = options.get("baseline_image")
         baseline = options.get("baseline", UPLOADED_BASELINE if uploaded else settings.baseline)
